@@ -1,0 +1,162 @@
+"""End-to-end behaviour of the backend on the reference models."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+
+import toca_fx
+from toca_fx import ToCaBackend, ToCaConfig
+
+from .helpers import step_inputs, tiny_dit, tiny_pixart
+from .reference import ReferenceCache
+
+MODELS = {
+    "dit_sdpa": lambda: tiny_dit("sdpa"),
+    "dit_manual": lambda: tiny_dit("manual"),
+    "pixart_sdpa": lambda: tiny_pixart("sdpa"),
+    "pixart_manual": lambda: tiny_pixart("manual"),
+}
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _run(model, backend, inputs):
+    fast = torch.compile(model, backend=backend, dynamic=False)
+    with torch.no_grad():
+        return [fast(*args) for args in inputs]
+
+
+def test_every_token_recomputed_matches_plain_compile():
+    model = tiny_dit()
+    inputs = step_inputs(model, 10)
+    backend = ToCaBackend(ToCaConfig(interval=3, ratio=1.0, num_steps=10, self_attn="recompute"))
+    cached = _run(model, backend, inputs)
+    plain = _run(model, "inductor", inputs)
+    for step, (a, b) in enumerate(zip(cached, plain)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=f"step {step}")
+    assert backend.stats()["calls"] == {"full": 4, "partial": 6}
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("self_attn", ["reuse", "recompute", "recompute_cached_kv"])
+def test_partial_steps_match_hand_written_cache(name, self_attn):
+    model = MODELS[name]()
+    inputs = step_inputs(model, 8)
+    backend = ToCaBackend(ToCaConfig(interval=4, ratio=0.4, num_steps=8, self_attn=self_attn, inner="eager"))
+    cached = _run(model, backend, inputs)
+    reference = ReferenceCache(model, interval=4, ratio=0.4, self_attn=self_attn)
+    with torch.no_grad():
+        uncached = [model(*args) for args in inputs]
+    for step, args in enumerate(inputs):
+        torch.testing.assert_close(cached[step], reference(*args), rtol=1e-5, atol=1e-5, msg=f"step {step}")
+    # The cache matters: partial steps differ from the uncached model, full steps equal it exactly.
+    assert all(torch.equal(cached[s], uncached[s]) for s in (0, 4))
+    assert not torch.allclose(cached[2], uncached[2], atol=1e-4)
+
+
+def test_partial_steps_match_hand_written_cache_under_inductor():
+    model = tiny_pixart()
+    inputs = step_inputs(model, 4)
+    backend = ToCaBackend(ToCaConfig(interval=4, ratio=0.4, num_steps=4))
+    cached = _run(model, backend, inputs)
+    reference = ReferenceCache(model, interval=4, ratio=0.4)
+    for step, args in enumerate(inputs):
+        torch.testing.assert_close(cached[step], reference(*args), rtol=1e-4, atol=1e-5, msg=f"step {step}")
+
+
+@pytest.mark.parametrize("self_attn", ["reuse", "recompute"])
+def test_full_steps_match_model_exactly(self_attn):
+    model = tiny_pixart()
+    inputs = step_inputs(model, 7)
+    backend = ToCaBackend(ToCaConfig(interval=3, ratio=0.25, num_steps=7, self_attn=self_attn, inner="eager"))
+    cached = _run(model, backend, inputs)
+    with torch.no_grad():
+        for step in (0, 3, 6):
+            assert torch.equal(cached[step], model(*inputs[step])), f"step {step}"
+
+
+def test_no_recompilation_over_fifty_steps():
+    from torch._dynamo.utils import counters
+
+    model = tiny_dit()
+    inputs = step_inputs(model, 50)
+    backend = ToCaBackend(ToCaConfig(interval=3, ratio=0.5, num_steps=10, inner="eager"))
+    counters.clear()
+    _run(model, backend, inputs)
+    stats = backend.stats()
+    assert counters["stats"]["unique_graphs"] == 1
+    assert stats["graphs"] == 1 and stats["compiles"] == 2
+    # num_steps=10 restarts the schedule every 10 calls: full at 0, 3, 6, 9 of each generation.
+    assert stats["calls"] == {"full": 20, "partial": 30}
+
+
+def test_reset_starts_a_new_generation_with_a_full_step():
+    model = tiny_dit()
+    inputs = step_inputs(model, 3)
+    backend = ToCaBackend(ToCaConfig(interval=10, ratio=0.5, num_steps=50, inner="eager"))
+    _run(model, backend, inputs[:2])
+    backend.reset()
+    out = _run(model, backend, inputs[2:])[0]
+    with torch.no_grad():
+        assert torch.equal(out, model(*inputs[2]))
+    assert backend.stats()["calls"] == {"full": 2, "partial": 1}
+
+
+def test_new_shape_gets_new_graph_and_fresh_state():
+    model = tiny_dit()
+    backend = ToCaBackend(ToCaConfig(interval=5, ratio=0.5, num_steps=50, inner="eager"))
+    small, large = step_inputs(model, 2, batch=2), step_inputs(model, 2, batch=3, seed=7)
+    _run(model, backend, small)
+    out = _run(model, backend, large)
+    with torch.no_grad():
+        assert torch.equal(out[0], model(*large[0]))  # first call of the new shape: a full step
+    assert len(backend.graphs) == 2
+    assert [g.state.calls["full"] for g in backend.graphs] == [1, 1]
+
+
+def test_stats_count_recomputed_tokens():
+    model = tiny_dit()
+    backend = ToCaBackend(ToCaConfig(interval=2, ratio=0.25, num_steps=4, inner="eager"))
+    _run(model, backend, step_inputs(model, 4))
+    kinds = {b["kind"]: b for b in backend.stats()["branches"]}
+    assert set(kinds) == {"self_attn", "mlp"}
+    # 2 full steps (16 tokens each) and 2 partial ones (4 of 16 for the MLP, none for reused attention).
+    assert kinds["mlp"]["computed_fraction"] == pytest.approx((16 + 4 + 16 + 4) / 64)
+    assert kinds["self_attn"]["computed_fraction"] == pytest.approx(32 / 64)
+    assert backend.stats()["cache_bytes"] > 0
+
+
+class SmallCNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3, padding=1))
+
+    def forward(self, x):
+        return self.net(x).mean(dim=(2, 3))
+
+
+def test_model_without_branches_compiles_plainly_with_one_warning():
+    torch.manual_seed(0)
+    model = SmallCNN().eval()
+    x = torch.randn(2, 3, 8, 8)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = _run(model, ToCaBackend(), [(x,)])[0]
+    toca_warnings = [w for w in caught if issubclass(w.category, toca_fx.ToCaWarning)]
+    assert len(toca_warnings) == 1
+    assert "no cacheable residual branch" in str(toca_warnings[0].message)
+    torch._dynamo.reset()
+    torch.testing.assert_close(out, _run(model, "inductor", [(x,)])[0], rtol=1e-6, atol=1e-6)
+
+
+def test_default_backend_is_ready():
+    assert isinstance(toca_fx.toca_backend, ToCaBackend)
+    assert toca_fx.toca_backend.config == ToCaConfig()

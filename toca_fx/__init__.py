@@ -1,0 +1,10 @@
+"""toca_fx: token-wise feature caching for any diffusion transformer, as a torch.compile backend.
+
+    fast = torch.compile(model, backend=toca_fx.toca_backend)
+"""
+from .backend import ToCaBackend, ToCaWarning
+from .config import ToCaConfig
+
+toca_backend = ToCaBackend()
+
+__all__ = ["ToCaBackend", "ToCaConfig", "ToCaWarning", "toca_backend"]

@@ -1,0 +1,1 @@
+"""Graph analysis: residual stream, branch classification, token-axis propagation."""

@@ -1,0 +1,174 @@
+"""Residual-stream detection: the `x = x + gate * branch(x)` adds of a transformer.
+
+Matches: an add of two tensors of one shape [B, N, D] where one operand (the stream x) is an ancestor
+of the other (the branch output). A trailing multiply by a tensor that does not depend on x and does
+not vary along the token axis (the adaLN gate) is peeled off: the cache point is before the gate.
+Produces: `Branch` records, classified by what they contain (see `classify`), and `Rejection`s with
+the reason a residual add could not be cached, for `explain` and the warning.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+
+from .tokens import Axes, NotTokenLocal, TokenFlow, op_name, propagate, shape
+
+_ADDS = {operator.add, operator.iadd, torch.add}
+
+
+@dataclass
+class Branch:
+    add: fx.Node          # the residual add
+    stream: fx.Node       # x, the branch input
+    out: fx.Node          # cache point: the branch output before its gate
+    gate: fx.Node | None  # the per-sample gate multiplied onto `out`, if any
+    nodes: list[fx.Node]  # the branch, in graph order, `out` last
+    flow: TokenFlow
+    kind: str = "mlp"     # "self_attn" | "cross_attn" | "mlp"
+    name: str = ""
+    index: int = 0
+
+    @property
+    def tokens(self) -> int:
+        return shape(self.stream)[1]
+
+    @property
+    def out_axes(self) -> Axes:
+        return self.flow.info[self.out]
+
+
+@dataclass
+class Rejection:
+    name: str
+    reason: str
+
+
+@dataclass
+class Analysis:
+    branches: list[Branch] = field(default_factory=list)
+    rejected: list[Rejection] = field(default_factory=list)
+
+
+def find_branches(graph: fx.Graph) -> Analysis:
+    """Every residual branch of `graph`, token-analysed and classified; what failed, with why."""
+    order = {node: i for i, node in enumerate(graph.nodes)}
+    result = Analysis()
+    for node in graph.nodes:
+        split = _residual_operands(node, order)
+        if split is None:
+            continue
+        stream, addend = split
+        try:
+            branch = _make_branch(node, stream, addend, order)
+        except NotTokenLocal as err:
+            result.rejected.append(Rejection(readable_name(node), str(err)))
+            continue
+        branch.index = len(result.branches)
+        result.branches.append(branch)
+    return result
+
+
+def readable_name(node: fx.Node) -> str:
+    """A module path for reports (from nn_module_stack); never used to decide anything."""
+    stack = node.meta.get("nn_module_stack") or {}
+    paths = [v[0] if isinstance(v, tuple) else str(v) for v in stack.values()]
+    path = paths[-1] if paths else ""
+    path = path.replace("L['self'].", "").replace("L__self__.", "")
+    return f"{path}:{node.name}" if path else node.name
+
+
+# ---------------------------------------------------------------------------------------------
+
+def _residual_operands(node: fx.Node, order: dict[fx.Node, int]) -> tuple[fx.Node, fx.Node] | None:
+    """(stream, addend) if `node` adds a branch output onto the tensor it was computed from."""
+    is_add = (node.op == "call_function" and node.target in _ADDS) or (
+        node.op == "call_method" and node.target in ("add", "add_", "__add__")
+    )
+    if not is_add or len(node.args) < 2 or node.kwargs:
+        return None
+    a, b = node.args[:2]
+    out = shape(node)
+    if out is None or len(out) != 3 or shape(a) != out or shape(b) != out:
+        return None
+    if order[a] < order[b] and _depends(b, a, order):
+        return a, b
+    if order[b] < order[a] and _depends(a, b, order):
+        return b, a
+    return None
+
+
+def _depends(node: fx.Node, on: fx.Node, order: dict[fx.Node, int]) -> bool:
+    seen, todo = set(), [node]
+    while todo:
+        n = todo.pop()
+        if n is on:
+            return True
+        for i in n.all_input_nodes:
+            if i not in seen and order[i] >= order[on]:
+                seen.add(i)
+                todo.append(i)
+    return False
+
+
+def _make_branch(add: fx.Node, stream: fx.Node, addend: fx.Node, order: dict[fx.Node, int]) -> Branch:
+    out, gate = _peel_gate(addend, stream, order)
+    nodes = _between(stream, out, order)
+    _check_closed(nodes, {addend, add})
+    flow = propagate(nodes, stream)
+    if not isinstance(flow.info[out], Axes) or flow.info[out].key is not None:
+        raise NotTokenLocal(f"branch output {out.name} does not carry the tokens")
+    branch = Branch(add, stream, out, gate, nodes, flow, name=readable_name(out))
+    branch.kind = _classify(branch)
+    return branch
+
+
+def _peel_gate(addend: fx.Node, stream: fx.Node, order: dict[fx.Node, int]) -> tuple[fx.Node, fx.Node | None]:
+    """Split `gate * out` when the gate is independent of the stream and constant along tokens."""
+    if op_name(addend) != "mul" or len(addend.args) != 2 or len(addend.users) != 1:
+        return addend, None
+    for gate, out in (addend.args, addend.args[::-1]):
+        gate_shape = shape(gate)
+        if gate_shape is None or not isinstance(out, fx.Node) or _depends(gate, stream, order):
+            continue
+        axis = 1 - (3 - len(gate_shape))
+        if (axis < 0 or gate_shape[axis] == 1) and _depends(out, stream, order):
+            return out, gate
+    return addend, None
+
+
+def _between(stream: fx.Node, out: fx.Node, order: dict[fx.Node, int]) -> list[fx.Node]:
+    """Nodes that depend on `stream` and feed `out` (inclusive of `out`), in graph order."""
+    feeds, todo = {out}, [out]
+    while todo:
+        for i in todo.pop().all_input_nodes:
+            if i not in feeds and order[i] > order[stream]:
+                feeds.add(i)
+                todo.append(i)
+    dependent = {stream}
+    for node in sorted(feeds, key=order.__getitem__):
+        if any(i in dependent for i in node.all_input_nodes):
+            dependent.add(node)
+    return sorted(dependent - {stream}, key=order.__getitem__)
+
+
+def _check_closed(nodes: list[fx.Node], ends: set[fx.Node]) -> None:
+    """A branch can be skipped or gathered only if nothing else reads its intermediates."""
+    inside = set(nodes) | ends
+    for node in nodes:
+        outside = [u for u in node.users if u not in inside]
+        if outside:
+            raise NotTokenLocal(f"{node.name} inside the branch is also used by {outside[0].name}")
+        if node.op == "call_method" and node.target.endswith("_"):
+            raise NotTokenLocal(f"in-place op {node.target} ({node.name}) inside the branch")
+
+
+def _classify(branch: Branch) -> str:
+    flow = branch.flow
+    if flow.self_attention:
+        return "self_attn"
+    if flow.cross_attention or any(op_name(n) in ("softmax", "log_softmax") for n in branch.nodes):
+        return "cross_attn"
+    return "mlp"
