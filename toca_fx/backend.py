@@ -9,6 +9,8 @@ branches is compiled as plain Inductor would, with one warning saying why.
 from __future__ import annotations
 
 import warnings
+from collections import Counter
+from dataclasses import replace
 from typing import Any, Callable
 
 import torch
@@ -16,8 +18,11 @@ import torch.fx as fx
 
 from .analysis.residual import Analysis, find_branches
 from .config import ToCaConfig
+from .cudagraphs import CudaGraphed
+from .flops import graph_flops, shapes_of
 from .policies.toca import BranchPlan, ToCaPolicy
 from .rewrite.variants import buffer_specs, build_variant
+from .shapes import PerShape
 from .state import CacheState
 
 
@@ -33,10 +38,11 @@ class ToCaBackend:
         self.graphs: list[CachedGraph] = []
 
     def __call__(self, gm: fx.GraphModule, example_inputs: list[Any], **options: Any) -> Callable:
-        dynamic = _dynamic_inputs(gm)
-        if dynamic:
-            return self._plain(gm, example_inputs, options, f"its inputs have dynamic shapes ({dynamic}); "
-                               "toca_fx needs a static token count: use torch.compile(..., dynamic=False)")
+        if _dynamic_inputs(gm):  # the token count must be static: a static graph per concrete shape
+            return PerShape(gm, lambda static, inputs: self._static(static, inputs, options))
+        return self._static(gm, example_inputs, options)
+
+    def _static(self, gm: fx.GraphModule, example_inputs: list[Any], options: dict) -> Callable:
         analysis = find_branches(gm.graph)
         if not analysis.branches:
             why = "; ".join(f"{r.name}: {r.reason}" for r in analysis.rejected) or "no x + f(x) adds of [B, N, D] tensors"
@@ -52,21 +58,24 @@ class ToCaBackend:
         self.graphs.append(graph)
         return graph
 
-    def reset(self) -> None:
-        """Start a new generation in every compiled graph."""
+    def reset(self, num_steps: int | None = None) -> None:
+        """Start a new generation in every compiled graph; of `num_steps` calls per stream, if given."""
+        if num_steps is not None:
+            self.config = replace(self.config, num_steps=num_steps)
         for graph in self.graphs:
-            graph.state.reset()
+            graph.state.reset(num_steps)
 
     def stats(self) -> dict[str, Any]:
         """Calls, compiles, cache bytes, and per branch the fraction of token rows recomputed."""
         branches = [row for i, g in enumerate(self.graphs) for row in g.branch_stats(i)]
-        calls = sum((g.state.calls for g in self.graphs), start=__import__("collections").Counter())
+        calls = sum((g.state.calls for g in self.graphs), start=Counter())
         return {
             "graphs": len(self.graphs),
             "calls": dict(calls),
-            "compiles": sum(len(g.compiled) for g in self.graphs),
+            "compiles": sum(g.n_compiled for g in self.graphs),
             "cache_bytes": sum(g.state.nbytes for g in self.graphs),
             "computed_fraction": _fraction(sum(b["rows"] for b in branches), sum(b["capacity"] for b in branches)),
+            "flops_ratio": _flops_ratio(self.graphs),
             "branches": branches,
         }
 
@@ -76,7 +85,11 @@ class ToCaBackend:
 
 
 class CachedGraph:
-    """Dispatcher for one captured graph: picks, compiles and runs the variant of each step."""
+    """Dispatcher for one captured graph: picks, compiles and runs the variant of each step.
+
+    Variants with the same plans (e.g. a partial step that recomputes every token) share one graph and
+    one compilation.
+    """
 
     def __init__(self, gm: fx.GraphModule, analysis: Analysis, config: ToCaConfig, options: dict):
         self.gm = gm
@@ -84,29 +97,42 @@ class CachedGraph:
         self.config = config
         self.options = options
         self.policy = ToCaPolicy(config)
-        self.state = CacheState(buffer_specs(analysis, config), config.num_steps)
+        self.state = CacheState(buffer_specs(analysis, config), config.num_steps, config.calls_per_step)
         self.compiled: dict[str, Callable] = {}
-        self.variants: dict[str, fx.GraphModule] = {}
+        self._graphs: dict[tuple, fx.GraphModule] = {}
+        self._fns: dict[tuple, Callable] = {}
+        self._rows: dict[str, dict[int, tuple[int, int]]] = {}
+        self._flops: dict[str, int] = {}
+        self._example: list[Any] | None = None
+        self._pool = None
 
     def __call__(self, *args: Any) -> Any:
         variant = self.policy.variant(self.state.step)
-        plans = self.policy.plans(variant, self.analysis.branches)
         buffers = self.state.ensure_buffers()
         fn = self.compiled.get(variant)
         if fn is None:
-            fn = self.compiled[variant] = _compile(
-                self.variant_graph(variant), [*args, *buffers], self.config.inner, self.options
-            )
+            fn = self.compiled[variant] = self._compile(variant, [*args, *buffers])
         out = fn(*args, *buffers)
-        self.state.record(variant, {i: _rows(p, b.tokens) for (i, p), b in zip(plans.items(), self.analysis.branches)})
+        self.state.record(variant, self._rows[variant])
         return out
 
     def variant_graph(self, variant: str) -> fx.GraphModule:
         """The rewritten graph of a variant ("full" or "partial"), before compilation."""
-        if variant not in self.variants:
-            plans = self.policy.plans(variant, self.analysis.branches)
-            self.variants[variant] = build_variant(self.gm, plans, self.config)
-        return self.variants[variant]
+        key = self._key(variant)
+        if key not in self._graphs:
+            plans = dict(key)
+            self._graphs[key] = build_variant(self.gm, plans, self.config)
+        return self._graphs[key]
+
+    @property
+    def flops(self) -> dict[str, int]:
+        """Theoretical FLOPs of one call of each variant run so far, and of the uncached graph."""
+        if self._example is not None:
+            n_args = len(self._example) - len(self.state.specs)
+            self._flops.setdefault("uncached", graph_flops(self.gm, self._example[:n_args]))
+            for variant in self.compiled:
+                self._flops.setdefault(variant, graph_flops(self.variant_graph(variant), self._example))
+        return self._flops
 
     def branch_stats(self, graph_index: int) -> list[dict[str, Any]]:
         rows, capacity = self.state.rows, self.state.row_capacity
@@ -124,9 +150,46 @@ class CachedGraph:
             for b in self.analysis.branches
         ]
 
+    @property
+    def n_compiled(self) -> int:
+        return len(self._fns)
+
+    def _key(self, variant: str) -> tuple:
+        plans = self.policy.plans(variant, self.analysis.branches)
+        self._rows[variant] = {b.index: _rows(plans[b.index], b.tokens) for b in self.analysis.branches}
+        return tuple(sorted(plans.items()))
+
+    def _compile(self, variant: str, inputs: list[Any]) -> Callable:
+        if self._example is None:  # shapes only, for counting FLOPs on demand
+            self._example = shapes_of(inputs)
+        key = self._key(variant)
+        if key not in self._fns:
+            self._fns[key] = self._compile_graph(self.variant_graph(variant), inputs)
+        return self._fns[key]
+
+    def _compile_graph(self, gm: fx.GraphModule, inputs: list[Any]) -> Callable:
+        # Captures assume fixed buffers; separate call streams pass different ones.
+        graphed = self.options.get("mode") == "reduce-overhead" and inputs[0].is_cuda and len(self.state.steps) == 1
+        options = {k: v for k, v in self.options.items() if not (graphed and k == "mode")}
+        fn = _compile(gm, inputs, self.config.inner, options)
+        if not graphed:
+            return fn
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        n_args = len(inputs) - len(self.state.specs)
+        static = [i >= n_args or hasattr(x, "_dynamo_static_input_type") for i, x in enumerate(inputs)]
+        return CudaGraphed(fn, static, self._pool)
+
 
 def _rows(plan: BranchPlan, tokens: int) -> tuple[int, int]:
     return {"fill": tokens, "rows": plan.k, "reuse": 0}[plan.mode], tokens
+
+
+def _flops_ratio(graphs: list[CachedGraph]) -> float:
+    """Theoretical FLOPs of all calls so far relative to running them without caching."""
+    done = sum(sum(n * g.flops[v] for v, n in g.state.calls.items()) for g in graphs)
+    uncached = sum(sum(g.state.calls.values()) * g.flops.get("uncached", 0) for g in graphs)
+    return _fraction(done, uncached)
 
 
 def _fraction(num: int, den: int) -> float:

@@ -18,11 +18,12 @@ def token_norm(x: torch.Tensor) -> torch.Tensor:
 
 
 def select_tokens(x: torch.Tensor, staleness: torch.Tensor, ref_norm: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices (sorted) of the k tokens to recompute; updates the staleness and reference norms."""
+    """Indices of the k tokens to recompute; updates the staleness and reference norms."""
     norm = token_norm(x)
     change = (norm - ref_norm).abs()
-    score = staleness + change / (change.max() + 1e-6)  # change is in [0, 1): breaks staleness ties
-    idx = torch.topk(score, k, sorted=False).indices.sort().values
+    # change / (1 + change) is in [0, 1) and keeps the order of changes: it breaks staleness ties only.
+    score = staleness + change / (1 + change)
+    idx = torch.topk(score, k, sorted=False).indices
     staleness.add_(1).index_fill_(0, idx, 0)
     ref_norm.index_copy_(0, idx, norm.index_select(0, idx))
     return idx

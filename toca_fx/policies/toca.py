@@ -35,7 +35,9 @@ class ToCaPolicy:
     def _plan(self, variant: str, branch: Branch) -> BranchPlan:
         if variant == FULL:
             return BranchPlan("fill")
-        if branch.kind == "self_attn" and self.config.self_attn == "reuse":
+        if branch.attends_tokens and self.config.self_attn == "reuse":
             return BranchPlan("reuse")
         k = min(branch.tokens, max(1, math.ceil(self.config.ratio * branch.tokens - 1e-9)))
+        if k == branch.tokens:  # every token: the plain computation, no gather or scatter
+            return BranchPlan("fill")
         return BranchPlan("rows", k)

@@ -1,0 +1,233 @@
+"""Speed of toca_fx against eager and plain Inductor, side by side in one process.
+
+    python benchmarks/run.py --models dit,pixart1024 --out results/     # on the GPU machine
+    python benchmarks/run.py --tiny                                     # CPU smoke run
+
+For each model and setting: wall time per generation (median over repeats, CUDA events, after a
+warm-up generation that also compiles), speedup over plain Inductor, theoretical FLOP speedup (counted
+from the rewritten graphs' shapes), efficiency = measured / theoretical speedup, compile time (first
+generation minus the median), peak memory, cache bytes, and the final sample's relative L2 error
+against the uncached Inductor run from the same noise. Results go to JSON and a markdown table.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+import toca_fx
+from toca_fx import ToCaBackend, ToCaConfig
+from toca_fx.models import DiT, PixArt
+
+
+@dataclass
+class Case:
+    name: str
+    build: Callable[[], torch.nn.Module]
+    batch: int  # samples; classifier-free guidance doubles it per call
+    steps: int
+    inputs: Callable[[int, torch.device], tuple[torch.Tensor, Callable[[torch.Tensor, torch.Tensor], tuple]]]
+    settings: list[tuple[str, ToCaConfig]]
+
+
+def _dit_inputs(size: int, classes: int):
+    def make(batch: int, device: torch.device):
+        g = torch.Generator(device="cpu").manual_seed(0)
+        x = torch.randn(batch, 4, size, size, generator=g).to(device)
+        labels = torch.randint(0, classes, (batch,), generator=g).to(device)
+        y = torch.cat([labels, torch.full_like(labels, classes)])  # conditional, then null class
+        return x, lambda xx, t: (xx, t, y)
+
+    return make
+
+
+def _pixart_inputs(size: int, caption: int, text_tokens: int = 120):
+    def make(batch: int, device: torch.device):
+        g = torch.Generator(device="cpu").manual_seed(0)
+        x = torch.randn(batch, 4, size, size, generator=g).to(device)
+        ctx = torch.randn(2 * batch, text_tokens, caption, generator=g).to(device)
+        return x, lambda xx, t: (xx, t, ctx)
+
+    return make
+
+
+def _settings(steps: int, interval: int, ratio: float) -> list[tuple[str, ToCaConfig]]:
+    return [
+        ("toca ratio 1.0 (all recomputed)", ToCaConfig(interval=interval, ratio=1.0, num_steps=steps, self_attn="recompute")),
+        (f"toca N={interval} r={ratio} (attn reused)", ToCaConfig(interval=interval, ratio=ratio, num_steps=steps)),
+        ("toca N=4 r=0.3 (attn recomputed)", ToCaConfig(interval=4, ratio=0.3, num_steps=steps, self_attn="recompute")),
+    ]
+
+
+def cases(tiny: bool) -> dict[str, Case]:
+    if tiny:
+        small = dict(input_size=8, patch_size=2, hidden_size=64, depth=2, num_heads=4)
+        return {
+            "dit": Case("tiny DiT", lambda: DiT(num_classes=10, **small), 2, 6, _dit_inputs(8, 10), _settings(6, 3, 0.25)),
+            "pixart": Case(
+                "tiny PixArt", lambda: PixArt(caption_channels=32, **small), 1, 6, _pixart_inputs(8, 32, 8), _settings(6, 3, 0.25)
+            ),
+        }
+    return {
+        "dit": Case("DiT-XL/2 256x256", lambda: DiT.xl_2(input_size=32), 8, 50, _dit_inputs(32, 1000), _settings(50, 4, 0.18)),
+        "pixart1024": Case(
+            "PixArt-alpha 1024x1024", lambda: PixArt.alpha(input_size=128), 1, 20, _pixart_inputs(128, 4096), _settings(20, 3, 0.25)
+        ),
+        "pixart2048": Case(
+            "PixArt-alpha 2048x2048", lambda: PixArt.alpha(input_size=256), 1, 20, _pixart_inputs(256, 4096), _settings(20, 3, 0.25)
+        ),
+    }
+
+
+def generate(fn: Callable, x0: torch.Tensor, args_of: Callable, steps: int, guidance: float = 4.0) -> torch.Tensor:
+    """A DDIM-like loop with batched classifier-free guidance: one model call per step."""
+    x = x0.clone()
+    for i in range(steps):
+        t = torch.full((2 * x.shape[0],), 999.0 * (1 - i / steps), device=x.device)
+        out = fn(*args_of(torch.cat([x, x]), t))[:, : x.shape[1]]
+        cond, uncond = out.chunk(2)
+        x = x - (1.0 / steps) * (uncond + guidance * (cond - uncond))
+    return x
+
+
+def time_generations(fn: Callable, x0, args_of, steps: int, repeats: int) -> dict[str, Any]:
+    sync = torch.cuda.synchronize if x0.is_cuda else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    with torch.no_grad():
+        sample = generate(fn, x0, args_of, steps)
+    sync()
+    first = time.perf_counter() - start
+    if x0.is_cuda:
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(repeats):
+        times.append(_elapsed(lambda: generate(fn, x0, args_of, steps), x0.is_cuda))
+    median = statistics.median(times)
+    peak = torch.cuda.max_memory_allocated() if x0.is_cuda else 0
+    return {"ms": median * 1e3, "spread": (max(times) - min(times)) * 1e3, "compile_s": first - median, "peak": peak, "sample": sample}
+
+
+def _elapsed(work: Callable, cuda: bool) -> float:
+    with torch.no_grad():
+        if not cuda:
+            start = time.perf_counter()
+            work()
+            return time.perf_counter() - start
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        work()
+        end.record()
+        end.synchronize()
+        return begin.elapsed_time(end) / 1e3
+
+
+def run_case(case: Case, device: torch.device, dtype: torch.dtype, repeats: int, modes: list, log: Callable) -> list[dict]:
+    torch.manual_seed(0)
+    with device:
+        model = case.build().to(device=device, dtype=dtype).eval()  # buffers made from numpy start on the CPU
+    x0, args_of = case.inputs(case.batch, device)
+    x0 = x0.to(dtype)
+    args_of = _cast(args_of, dtype)
+    rows, reference = [], None
+    runs: list[tuple[str, Any, str | None]] = [("eager", None, None)]  # (setting, backend, mode)
+    for mode in modes:
+        suffix = " +cudagraphs" if mode else ""
+        runs.append((f"inductor{suffix}", "inductor", mode))
+        runs += [(f"{name}{suffix}", config, mode) for name, config in case.settings]
+    for name, backend, mode in runs:
+        torch._dynamo.reset()
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # the previous setting's caches and graph pools are gone
+        backend = ToCaBackend(backend) if isinstance(backend, ToCaConfig) else backend
+        fn = model if backend is None else torch.compile(model, backend=backend, dynamic=False, mode=mode)
+        result = time_generations(fn, x0, args_of, case.steps, repeats)
+        sample = result.pop("sample")
+        if reference is None and name.startswith("inductor"):
+            reference = sample
+        row = {"model": case.name, "setting": name, **result}
+        if isinstance(backend, ToCaBackend):
+            stats = backend.stats()
+            row.update(flops_ratio=stats["flops_ratio"], cache_bytes=stats["cache_bytes"], compiles=stats["compiles"])
+        row["rel_l2"] = (sample.float() - reference.float()).norm().item() / reference.float().norm().item() if reference is not None else 0.0
+        rows.append(row)
+        log(row)
+        del fn, backend
+    return _relative(rows)
+
+
+def _cast(args_of: Callable, dtype: torch.dtype) -> Callable:
+    def cast(x, t):
+        return tuple(a.to(dtype) if a.is_floating_point() and a.dim() > 1 else a for a in args_of(x, t))
+
+    return cast
+
+
+def _relative(rows: list[dict]) -> list[dict]:
+    base = {("cudagraphs" in r["setting"]): r for r in rows if r["setting"].startswith("inductor")}
+    for r in rows:
+        ref = base.get("cudagraphs" in r["setting"], base.get(False))
+        r["speedup"] = ref["ms"] / r["ms"]
+        r["compile_vs_inductor"] = r["compile_s"] / max(ref["compile_s"], 1e-9)
+        r["peak_vs_inductor"] = r["peak"] / ref["peak"] if ref["peak"] else 0.0
+        if "flops_ratio" in r:
+            r["theoretical"] = 1.0 / r["flops_ratio"]
+            r["efficiency"] = r["speedup"] / r["theoretical"]
+    return rows
+
+
+def markdown(rows: list[dict], header: str) -> str:
+    cols = ["model", "setting", "ms/gen", "speedup vs Inductor", "theoretical", "efficiency", "compile s", "compile x",
+            "peak GiB", "peak x", "cache MiB", "rel L2 vs uncached"]
+    lines = [header, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        lines.append("| " + " | ".join([
+            r["model"], r["setting"], f"{r['ms']:.1f} ± {r['spread'] / 2:.1f}", f"{r['speedup']:.2f}x",
+            f"{r['theoretical']:.2f}x" if "theoretical" in r else "1.00x",
+            f"{r['efficiency']:.2f}" if "efficiency" in r else "-",
+            f"{r['compile_s']:.1f}", f"{r['compile_vs_inductor']:.2f}",
+            f"{r['peak'] / 2**30:.2f}", f"{r['peak_vs_inductor']:.2f}",
+            f"{r.get('cache_bytes', 0) / 2**20:.0f}", f"{r['rel_l2']:.4f}",
+        ]) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="dit,pixart1024,pixart2048")
+    parser.add_argument("--tiny", action="store_true", help="tiny models on the CPU: a smoke run of this script")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--cudagraphs", choices=["off", "on", "both"], default="both",
+                        help="compile with mode='reduce-overhead' (CUDA graphs) too")
+    parser.add_argument("--out", type=Path, default=Path("benchmark-results"))
+    args = parser.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    table = cases(args.tiny)
+    names = list(table) if args.tiny else args.models.split(",")
+    args.out.mkdir(parents=True, exist_ok=True)
+    header = (
+        f"Device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}; torch {torch.__version__}; "
+        f"dtype {dtype}; {time.strftime('%Y-%m-%d')}; command: python benchmarks/run.py {' '.join(sys.argv[1:])}"
+    )
+    rows: list[dict] = []
+    for name in names:
+        log = lambda row: print(json.dumps({k: v for k, v in row.items()}), flush=True)  # noqa: E731
+        modes = {"off": [None], "on": ["reduce-overhead"], "both": [None, "reduce-overhead"]}[args.cudagraphs]
+        rows += run_case(table[name], device, dtype, args.repeats, modes if device.type == "cuda" else [None], log)
+        (args.out / "results.json").write_text(json.dumps(rows, indent=1))
+        (args.out / "benchmarks.md").write_text(markdown(rows, header) + "\n")
+    print(markdown(rows, header))
+
+
+if __name__ == "__main__":
+    main()
