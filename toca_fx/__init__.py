@@ -4,7 +4,9 @@
 """
 from .backend import ToCaBackend, ToCaWarning
 from .config import ToCaConfig
+from .explain import Report, explain
+from .pipeline import enable
 
 toca_backend = ToCaBackend()
 
-__all__ = ["ToCaBackend", "ToCaConfig", "ToCaWarning", "toca_backend"]
+__all__ = ["Report", "ToCaBackend", "ToCaConfig", "ToCaWarning", "enable", "explain", "toca_backend"]

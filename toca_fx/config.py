@@ -19,6 +19,9 @@ class ToCaConfig:
         without running it; "recompute" runs the chosen queries against keys/values of all tokens;
         "recompute_cached_kv" against cached keys/values updated with the chosen tokens' rows.
     inner: "inductor" compiles each rewritten graph with Inductor; "eager" runs it as is.
+    calls_per_step: calls of the model per denoising step, each with its own cache: 2 for a pipeline
+        that calls the model for the conditional, then the unconditional half of classifier-free
+        guidance (batched guidance, one call with both halves, is 1).
     """
 
     interval: int = 4
@@ -26,6 +29,7 @@ class ToCaConfig:
     num_steps: int = 50
     self_attn: str = "reuse"
     inner: str = "inductor"
+    calls_per_step: int = 1
 
     def __post_init__(self) -> None:
         _check(_is_int(self.interval) and self.interval >= 1, "interval", "an int >= 1", self.interval)
@@ -35,6 +39,10 @@ class ToCaConfig:
         _check(_is_int(self.num_steps) and self.num_steps >= 1, "num_steps", "an int >= 1", self.num_steps)
         _check(self.self_attn in SELF_ATTN_MODES, "self_attn", f"one of {SELF_ATTN_MODES}", self.self_attn)
         _check(self.inner in INNER_COMPILERS, "inner", f"one of {INNER_COMPILERS}", self.inner)
+        _check(
+            _is_int(self.calls_per_step) and self.calls_per_step >= 1,
+            "calls_per_step", "an int >= 1", self.calls_per_step,
+        )
 
 
 def _check(ok: bool, field: str, allowed: str, value: object) -> None:

@@ -1,7 +1,9 @@
 """`CacheState`: the side state of one compiled graph, kept apart from the graphs that use it.
 
 It holds the cache buffers (passed to every variant as extra inputs and updated in place by them),
-the step counter that picks the variant, and the counters behind `stats()`.
+the step counter that picks the variant, and the counters behind `stats()`. A pipeline that calls the
+model more than once per step (conditional, then unconditional guidance) has one set of buffers and
+one step counter per call stream; calls take turns, so the streams' caches never mix.
 """
 from __future__ import annotations
 
@@ -29,20 +31,26 @@ class BufferSpec:
 class CacheState:
     """Buffers, step counter and statistics of one compiled graph."""
 
-    def __init__(self, specs: list[BufferSpec], num_steps: int):
+    def __init__(self, specs: list[BufferSpec], num_steps: int, streams: int = 1):
         self.specs = specs
         self.num_steps = num_steps
-        self.buffers: list[torch.Tensor] | None = None
-        self.step = 0
+        self.stream_buffers: list[list[torch.Tensor] | None] = [None] * streams
+        self.steps = [0] * streams
+        self.turn = 0  # the call stream of the next call
         self.calls: Counter[str] = Counter()
         self.rows: Counter[int] = Counter()  # branch index -> token rows computed, summed over calls
         self.row_capacity: Counter[int] = Counter()  # branch index -> rows a run without cache computes
 
+    @property
+    def step(self) -> int:
+        """The step of the next call, within its stream's generation."""
+        return self.steps[self.turn]
+
     def ensure_buffers(self) -> list[torch.Tensor]:
-        """Allocate the buffers on first use, with the graph's devices and dtypes."""
-        if self.buffers is None:
-            self.buffers = [torch.zeros(s.shape, dtype=s.dtype, device=s.device) for s in self.specs]
-        return self.buffers
+        """The next call's buffers, allocated on first use with the graph's devices and dtypes."""
+        if self.stream_buffers[self.turn] is None:
+            self.stream_buffers[self.turn] = [torch.zeros(s.shape, dtype=s.dtype, device=s.device) for s in self.specs]
+        return self.stream_buffers[self.turn]
 
     def record(self, variant: str, rows: dict[int, tuple[int, int]]) -> None:
         """Count one call: the variant run and, per branch, (rows computed, rows in total)."""
@@ -50,12 +58,22 @@ class CacheState:
         for index, (done, total) in rows.items():
             self.rows[index] += done
             self.row_capacity[index] += total
-        self.step = (self.step + 1) % self.num_steps
+        self.steps[self.turn] = (self.steps[self.turn] + 1) % self.num_steps
+        self.turn = (self.turn + 1) % len(self.steps)
 
-    def reset(self) -> None:
-        """Start a new generation: the next call is a full step, which overwrites every buffer."""
-        self.step = 0
+    def reset(self, num_steps: int | None = None) -> None:
+        """Start a new generation (of `num_steps` steps, if given): the next call is the first stream's
+        full step, which overwrites every buffer."""
+        self.num_steps = num_steps or self.num_steps
+        self.steps = [0] * len(self.steps)
+        self.turn = 0
+
+    def clear_counters(self) -> None:
+        """Forget the calls counted so far (e.g. a warm-up), keeping the caches and the step."""
+        self.calls.clear()
+        self.rows.clear()
+        self.row_capacity.clear()
 
     @property
     def nbytes(self) -> int:
-        return sum(s.nbytes for s in self.specs)
+        return len(self.steps) * sum(s.nbytes for s in self.specs)

@@ -5,16 +5,21 @@ of the other (the branch output). A trailing multiply by a tensor that does not 
 not vary along the token axis (the adaLN gate) is peeled off: the cache point is before the gate.
 Produces: `Branch` records, classified by what they contain (see `classify`), and `Rejection`s with
 the reason a residual add could not be cached, for `explain` and the warning.
+
+Joint attention: the image and text streams are two residual streams whose branches share one
+attention over both. Each side is a valid branch alone (the other's rows ride along whole); as both
+cannot be gathered at once, the side with more tokens is cached and the other recomputed every step.
 """
 from __future__ import annotations
 
 import operator
+import re
 from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
 
-from .tokens import Axes, NotTokenLocal, TokenFlow, op_name, propagate, shape
+from .tokens import Axes, NotTokenLocal, Passengers, TokenFlow, follow, op_name, propagate, shape
 
 _ADDS = {operator.add, operator.iadd, torch.add}
 
@@ -27,13 +32,18 @@ class Branch:
     gate: fx.Node | None  # the per-sample gate multiplied onto `out`, if any
     nodes: list[fx.Node]  # the branch, in graph order, `out` last
     flow: TokenFlow
-    kind: str = "mlp"     # "self_attn" | "cross_attn" | "mlp"
+    kind: str = "mlp"     # "self_attn" | "joint_attn" | "cross_attn" | "mlp"
     name: str = ""
     index: int = 0
 
     @property
     def tokens(self) -> int:
         return shape(self.stream)[1]
+
+    @property
+    def attends_tokens(self) -> bool:
+        """Self- or joint attention: keys and values come from the stream itself."""
+        return self.kind in ("self_attn", "joint_attn")
 
     @property
     def out_axes(self) -> Axes:
@@ -44,6 +54,7 @@ class Branch:
 class Rejection:
     name: str
     reason: str
+    by_design: bool = False  # the text side of a joint attention: recomputed, as the method intends
 
 
 @dataclass
@@ -56,28 +67,39 @@ def find_branches(graph: fx.Graph) -> Analysis:
     """Every residual branch of `graph`, token-analysed and classified; what failed, with why."""
     order = {node: i for i, node in enumerate(graph.nodes)}
     result = Analysis()
+    candidates = []
     for node in graph.nodes:
         split = _residual_operands(node, order)
         if split is None:
             continue
         stream, addend = split
         try:
-            branch = _make_branch(node, stream, addend, order)
+            candidates.append(_make_branch(node, stream, addend, order))
         except NotTokenLocal as err:
             result.rejected.append(Rejection(readable_name(node), str(err)))
+    for branch in candidates:
+        rival = _larger_sharer(branch, candidates)
+        if rival is not None:
+            why = (f"computed jointly with {rival.name} ({rival.tokens} tokens), whose rows are cached; "
+                   f"these {branch.tokens} tokens are recomputed every step")
+            result.rejected.append(Rejection(branch.name, why, by_design=True))
             continue
         branch.index = len(result.branches)
         result.branches.append(branch)
     return result
 
 
-def readable_name(node: fx.Node) -> str:
-    """A module path for reports (from nn_module_stack); never used to decide anything."""
-    stack = node.meta.get("nn_module_stack") or {}
+def readable_name(node: fx.Node, module_of: fx.Node | None = None) -> str:
+    """`module.path:node` for reports (from nn_module_stack); never used to decide anything."""
+    stack = (module_of or node).meta.get("nn_module_stack") or {}
     paths = [v[0] if isinstance(v, tuple) else str(v) for v in stack.values()]
-    path = paths[-1] if paths else ""
-    path = path.replace("L['self'].", "").replace("L__self__.", "")
+    parts = _MODULE_KEY.sub(r".\1", paths[-1] if paths else "").split(".")  # a['b'] -> a.b
+    path = ".".join(p for p in parts if p and p not in _MODULE_PATH_NOISE)
     return f"{path}:{node.name}" if path else node.name
+
+
+_MODULE_KEY = re.compile(r"\[['\"]?([\w.]+)['\"]?\]")
+_MODULE_PATH_NOISE = {"L", "self", "L__self__", "__dict__", "_modules"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -116,11 +138,15 @@ def _depends(node: fx.Node, on: fx.Node, order: dict[fx.Node, int]) -> bool:
 def _make_branch(add: fx.Node, stream: fx.Node, addend: fx.Node, order: dict[fx.Node, int]) -> Branch:
     out, gate = _peel_gate(addend, stream, order)
     nodes = _between(stream, out, order)
-    _check_closed(nodes, {addend, add})
     flow = propagate(nodes, stream)
-    if not isinstance(flow.info[out], Axes) or flow.info[out].key is not None:
-        raise NotTokenLocal(f"branch output {out.name} does not carry the tokens")
-    branch = Branch(add, stream, out, gate, nodes, flow, name=readable_name(out))
+    _check_closed(nodes, {addend, add}, flow)
+    info = flow.info[out]
+    if not isinstance(info, Axes) or info.key is not None or info.extra:
+        raise NotTokenLocal(f"branch output {out.name} does not carry the tokens alone")
+    named = out
+    while named.target is operator.getitem and named.args[0] in flow.info:  # a slice: name what it cuts
+        named = named.args[0]
+    branch = Branch(add, stream, out, gate, nodes, flow, name=readable_name(out, named))
     branch.kind = _classify(branch)
     return branch
 
@@ -154,19 +180,41 @@ def _between(stream: fx.Node, out: fx.Node, order: dict[fx.Node, int]) -> list[f
     return sorted(dependent - {stream}, key=order.__getitem__)
 
 
-def _check_closed(nodes: list[fx.Node], ends: set[fx.Node]) -> None:
-    """A branch can be skipped or gathered only if nothing else reads its intermediates."""
+def _check_closed(nodes: list[fx.Node], ends: set[fx.Node], flow: TokenFlow) -> None:
+    """A branch can be skipped or gathered only if nothing else reads its intermediates, except
+    other-stream rows of a joint attention (`Passengers`), which a gathered computation still yields."""
     inside = set(nodes) | ends
     for node in nodes:
-        outside = [u for u in node.users if u not in inside]
-        if outside:
-            raise NotTokenLocal(f"{node.name} inside the branch is also used by {outside[0].name}")
+        for user in node.users:
+            if user in inside or user in flow.passenger_outputs:
+                continue
+            if not _reads_passengers(user, flow):
+                raise NotTokenLocal(f"{node.name} inside the branch is also used by {user.name}")
+            flow.passenger_outputs.append(user)
         if node.op == "call_method" and node.target.endswith("_"):
             raise NotTokenLocal(f"in-place op {node.target} ({node.name}) inside the branch")
 
 
+def _reads_passengers(user: fx.Node, flow: TokenFlow) -> bool:
+    try:
+        return isinstance(follow(user, flow), Passengers)
+    except NotTokenLocal:
+        return False
+
+
+def _larger_sharer(branch: Branch, branches: list[Branch]) -> Branch | None:
+    """The branch that shares nodes with `branch` and wins the tie: more tokens, then earlier."""
+    mine, rank = set(branch.nodes), {id(b): (b.tokens, -i) for i, b in enumerate(branches)}
+    for other in branches:
+        if other is not branch and not mine.isdisjoint(other.nodes) and rank[id(other)] > rank[id(branch)]:
+            return other
+    return None
+
+
 def _classify(branch: Branch) -> str:
     flow = branch.flow
+    if flow.joint_attention:
+        return "joint_attn"
     if flow.self_attention:
         return "self_attn"
     if flow.cross_attention or any(op_name(n) in ("softmax", "log_softmax") for n in branch.nodes):

@@ -9,11 +9,18 @@ An `Axes` value says that the rows of a tensor along `tok` are the stream's toke
 depends on the stream only through token i, except through attention: an attention op mixes tokens
 only through its keys and values, which the rewrite computes in full. `key` is set on attention maps
 (q k^T), whose second token axis runs over the keys.
+
+Joint attention (MMDiT, FLUX, CogVideoX) concatenates the stream with the tokens of another stream
+(text) along the token axis. Such a tensor's `tok` axis holds the stream's rows at [start, start + N)
+and `extra` rows of the other stream around them; the rewrite keeps those rows whole. A slice or split
+that keeps only other-stream rows yields `Passengers`: rows that depend on the stream only through
+attention keys/values, so a computation on the chosen rows yields them unchanged.
 """
 from __future__ import annotations
 
+import itertools
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import torch
@@ -24,9 +31,23 @@ import torch.fx as fx
 class Axes:
     tok: int
     key: int | None = None
+    start: int = 0  # where the stream's rows begin along `tok`
+    extra: int = 0  # rows along `tok` from another stream (joint attention), always computed whole
 
     def moved(self, fn: Callable[[int], int]) -> "Axes":
-        return Axes(fn(self.tok), None if self.key is None else fn(self.key))
+        return replace(self, tok=fn(self.tok), key=None if self.key is None else fn(self.key))
+
+    def rows_pos(self, pos: int, n: int, k: int) -> int:
+        """Where position `pos` along `tok` (outside the stream's rows) lands once the stream's n rows
+        are cut to k."""
+        return pos if pos <= self.start else pos - n + k
+
+
+@dataclass(frozen=True)
+class Passengers:
+    """Only rows of another stream, split off a joint tensor along axis `tok`."""
+
+    tok: int
 
 
 # None: the tensor does not carry the stream's tokens. Tuples: multi-output ops (chunk, unbind).
@@ -41,12 +62,16 @@ class NotTokenLocal(Exception):
 class TokenFlow:
     """What propagation learnt about one branch."""
 
+    tokens: int = 0  # N, the stream's token count
     info: dict[fx.Node, Info] = field(default_factory=dict)
     # Inputs that an attention op consumes over all tokens (keys, values): node -> those inputs.
     full_inputs: dict[fx.Node, tuple[fx.Node, ...]] = field(default_factory=dict)
     # Tensors from outside the branch indexed by token (e.g. rotary tables): node -> their token axis.
-    external_rows: dict[fx.Node, int] = field(default_factory=dict)
+    external_rows: dict[fx.Node, Axes] = field(default_factory=dict)
+    # Nodes outside the branch that read only other-stream rows of it (joint attention's text side).
+    passenger_outputs: list[fx.Node] = field(default_factory=list)
     self_attention: list[fx.Node] = field(default_factory=list)
+    joint_attention: list[fx.Node] = field(default_factory=list)
     cross_attention: list[fx.Node] = field(default_factory=list)
     # External operands of cross-attention (context keys/values): constant within a generation.
     context_kv: list[fx.Node] = field(default_factory=list)
@@ -54,16 +79,23 @@ class TokenFlow:
 
 def propagate(nodes: list[fx.Node], stream: fx.Node) -> TokenFlow:
     """Token axes of every node in `nodes` (graph order), given the stream [B, N, D] at axis 1."""
-    flow = TokenFlow(info={stream: Axes(1)})
+    flow = TokenFlow(tokens=shape(stream)[1], info={stream: Axes(1)})
     for node in nodes:
-        name = op_name(node)
-        rule = _RULES.get(name)
-        if rule is None and name in _POINTWISE:
-            rule = _pointwise
-        if rule is None:
-            raise NotTokenLocal(f"op '{name}' ({node.name}) is not known to act per token")
-        flow.info[node] = rule(node, flow)
+        flow.info[node] = follow(node, flow)
     return flow
+
+
+def follow(node: fx.Node, flow: TokenFlow) -> Info:
+    """The token axes of one node's output, from those of its inputs already in `flow`."""
+    name = op_name(node)
+    rule = _RULES.get(name)
+    if rule is None and name in _POINTWISE:
+        rule = _pointwise
+    if rule is None:
+        raise NotTokenLocal(f"op '{name}' ({node.name}) is not known to act per token")
+    if any(isinstance(flow.info.get(a), Passengers) for a in node.all_input_nodes):
+        raise NotTokenLocal(f"'{name}' ({node.name}) computes on the rows of another stream")
+    return rule(node, flow)
 
 
 def op_name(node: fx.Node) -> str:
@@ -142,9 +174,20 @@ def _check_external(node: fx.Node, ext: fx.Node, axes: Axes, out: tuple[int, ...
     axis = axes.tok - (len(out) - len(ext_shape))
     if axis < 0 or ext_shape[axis] == 1:
         return
-    previous = flow.external_rows.setdefault(ext, axis)
-    if previous != axis:
+    rows = Axes(axis, start=axes.start, extra=axes.extra)
+    if flow.external_rows.setdefault(ext, rows) != rows:
         raise NotTokenLocal(f"{ext.name} is indexed by token along two different axes")
+
+
+def _sub_range(node: fx.Node, axes: Axes, lo: int, hi: int, flow: TokenFlow) -> Info:
+    """The token axis cut to [lo, hi): the stream's rows whole (with some other-stream rows), or
+    only other-stream rows."""
+    first, last = axes.start, axes.start + flow.tokens
+    if lo <= first and last <= hi:
+        return replace(axes, start=first - lo, extra=hi - lo - flow.tokens)
+    if hi <= first or last <= lo:
+        return Passengers(axes.tok)
+    raise NotTokenLocal(f"'{op_name(node)}' ({node.name}) cuts through the token axis")
 
 
 def _reshape_axis(src: tuple[int, ...], dst: tuple[int, ...], axis: int, node: fx.Node) -> int:
@@ -239,8 +282,13 @@ def _split(node: fx.Node, flow: TokenFlow) -> Info:
     axes = _only_token_input(node, flow)
     ndim = len(shape(node.args[0]))
     dim = _norm_dim(_arg(node, 2, "dim", 0), ndim)
-    _require_untouched(node, axes, [dim], "splits")
-    return tuple(axes for _ in node.meta["example_value"])
+    if axes.key == dim:
+        raise NotTokenLocal(f"'{op_name(node)}' ({node.name}) splits the key axis")
+    sizes = [int(v.shape[dim]) for v in node.meta["example_value"]]
+    if dim != axes.tok:
+        return tuple(axes for _ in sizes)
+    bounds = list(itertools.accumulate([0, *sizes]))
+    return tuple(_sub_range(node, axes, lo, hi, flow) for lo, hi in zip(bounds, bounds[1:]))
 
 
 def _unbind(node: fx.Node, flow: TokenFlow) -> Info:
@@ -259,45 +307,72 @@ def _getitem(node: fx.Node, flow: TokenFlow) -> Info:
         return info[index]
     if not isinstance(info, Axes):
         raise NotTokenLocal(f"indexing ({node.name}) of a value the pass does not track")
-    return info.moved(lambda d: _index_axis(node, shape(source), index, d))
+    src = shape(source)
+    if info.key is not None and index_slot(node, src, index, info.key)[1] != range(src[info.key]):
+        raise NotTokenLocal(f"indexing ({node.name}) selects part of the key axis")
+    axes = info.moved(lambda d: index_slot(node, src, index, d)[0])
+    kept = index_slot(node, src, index, info.tok)[1]
+    if kept == range(src[info.tok]):
+        return axes
+    if kept.step != 1:
+        raise NotTokenLocal(f"indexing ({node.name}) takes a strided part of the token axis")
+    return _sub_range(node, axes, kept.start, kept.stop, flow)
 
 
-def _index_axis(node: fx.Node, src: tuple[int, ...], index: Any, axis: int) -> int:
-    """Where axis `axis` goes under basic indexing; the token axis may only be kept whole."""
+def index_items(node: fx.Node, ndim: int, index: Any) -> list[Any]:
+    """A basic index as one item per source axis, plus the `None`s that insert new axes."""
     items = list(index) if isinstance(index, tuple) else [index]
     if any(isinstance(i, (fx.Node, list, torch.Tensor)) for i in items):
         raise NotTokenLocal(f"advanced indexing ({node.name}) near the token axis")
     consumed = sum(1 for i in items if i is not None and i is not Ellipsis)
     expanded: list[Any] = []
     for i in items:
-        expanded.extend([slice(None)] * (len(src) - consumed) if i is Ellipsis else [i])
-    expanded.extend([slice(None)] * (len(src) - sum(1 for i in expanded if i is not None)))
+        expanded.extend([slice(None)] * (ndim - consumed) if i is Ellipsis else [i])
+    expanded.extend([slice(None)] * (ndim - sum(1 for i in expanded if i is not None)))
+    return expanded
+
+
+def index_slot(node: fx.Node, src: tuple[int, ...], index: Any, axis: int) -> tuple[int, range]:
+    """Under basic indexing: where source axis `axis` goes, and which of its positions it keeps."""
     src_axis = dst_axis = 0
-    for i in expanded:
+    for i in index_items(node, len(src), index):
         if i is None:
             dst_axis += 1
             continue
         if src_axis == axis:
-            if isinstance(i, slice) and range(src[axis])[i] == range(src[axis]):
-                return dst_axis
-            raise NotTokenLocal(f"indexing ({node.name}) selects part of the token axis")
+            if isinstance(i, slice):
+                return dst_axis, range(src[axis])[i]
+            raise NotTokenLocal(f"indexing ({node.name}) selects one row of a token axis")
         src_axis += 1
         dst_axis += isinstance(i, slice)
     raise NotTokenLocal(f"indexing ({node.name}) could not be followed")
 
 
 def _cat(node: fx.Node, flow: TokenFlow) -> Info:
-    tensors = _arg(node, 0, "tensors")
-    infos = {_info(flow, t) for t in tensors}
-    axes = infos.pop() if len(infos) == 1 else None
+    tensors = list(_arg(node, 0, "tensors"))
+    infos = [_info(flow, t) for t in tensors]
+    kinds = {i for i in infos if i is not None}
+    axes = kinds.pop() if len(kinds) == 1 else None
     if not isinstance(axes, Axes):
-        raise NotTokenLocal(f"'{op_name(node)}' ({node.name}) joins token and non-token tensors")
+        raise NotTokenLocal(f"'{op_name(node)}' ({node.name}) joins tensors with different token axes")
     stack = op_name(node) == "stack"
     dim = _norm_dim(_arg(node, 1, "dim", 0), len(shape(tensors[0])) + stack)
     if stack:
+        if None in infos:
+            raise NotTokenLocal(f"'stack' ({node.name}) joins token and non-token tensors")
         return axes.moved(lambda d: d + (d >= dim))
-    _require_untouched(node, axes, [dim], "concatenates along")
-    return axes
+    if axes.key == dim:
+        raise NotTokenLocal(f"'{op_name(node)}' ({node.name}) concatenates along the key axis")
+    if dim != axes.tok:  # other tensors joined feature-wise are indexed by token like the stream
+        for t, info in zip(tensors, infos):
+            if info is None:
+                _check_external(node, t, axes, shape(node), flow)
+        return axes
+    if len(infos) - infos.count(None) > 1:
+        raise NotTokenLocal(f"'{op_name(node)}' ({node.name}) concatenates the tokens with themselves")
+    position = next(i for i, info in enumerate(infos) if info is not None)
+    before = sum(shape(t)[dim] for t in tensors[:position])
+    return replace(axes, start=before + axes.start, extra=shape(node)[dim] - flow.tokens)
 
 
 def _linear(node: fx.Node, flow: TokenFlow) -> Info:
@@ -318,12 +393,12 @@ def _matmul(node: fx.Node, flow: TokenFlow) -> Info:
         if ia.tok == ra - 2 and ib.tok == rb - 1:  # q @ k^T: an attention map
             flow.full_inputs[node] = (b,)
             flow.self_attention.append(node)
-            return Axes(out_ndim - 2, out_ndim - 1)
+            if ia.extra or ib.extra:
+                flow.joint_attention.append(node)
+            return replace(ia, tok=out_ndim - 2, key=out_ndim - 1)
     if isinstance(ia, Axes) and ia.key == ra - 1 and isinstance(ib, Axes) and ib.tok == rb - 2:
         flow.full_inputs[node] = (b,)  # attention map @ v
-        return Axes(out_ndim - 2)
-    if isinstance(ia, Axes) and ia.key is None and ia.tok == ra - 2 and ib is None:
-        return Axes(out_ndim - 2)
+        return replace(ia, tok=out_ndim - 2, key=None)
     raise NotTokenLocal(f"matmul ({node.name}) mixes tokens in a way the pass does not know")
 
 
@@ -337,16 +412,18 @@ def _sdpa(node: fx.Node, flow: TokenFlow) -> Info:
         raise NotTokenLocal(f"causal attention ({node.name}) cannot recompute a subset of queries")
     mask = _arg(node, 3, "attn_mask")
     if isinstance(mask, fx.Node):
-        _check_external(node, mask, Axes(ndim - 2), shape(node), flow)
-    if isinstance(ik, Axes) and isinstance(iv, Axes) and ik.tok == iv.tok == ndim - 2:
+        _check_external(node, mask, iq, shape(node), flow)
+    if isinstance(ik, Axes) and ik == iv and ik.tok == ndim - 2 and ik.key is None:
         flow.full_inputs[node] = (k, v)
         flow.self_attention.append(node)
+        if iq.extra or ik.extra:
+            flow.joint_attention.append(node)
     elif ik is None and iv is None:
         flow.cross_attention.append(node)
         flow.context_kv.extend([k, v])
     else:
         raise NotTokenLocal(f"attention ({node.name}) with keys and values of different origins")
-    return Axes(ndim - 2)
+    return iq
 
 
 _POINTWISE = frozenset(
@@ -380,6 +457,7 @@ _RULES: dict[str, Callable[[fx.Node, TokenFlow], Info]] = {
     "swapaxes": _transpose,
     "chunk": _split,
     "split": _split,
+    "split_with_sizes": _split,
     "unbind": _unbind,
     "getitem": _getitem,
     "cat": _cat,

@@ -1,28 +1,35 @@
 """Gather-compute-scatter: run a branch on the chosen tokens only and scatter the rows into its cache.
 
 Matches: one analysed `Branch` (its token flow says where every node's token axis is).
-Produces: new nodes, inserted before the branch output, that compute the branch output's rows for the
-tokens `idx` and write them into the cache buffer; the caller adds the cache to the residual. The
-original branch nodes that are no longer read die in dead-code elimination.
+Produces: new nodes that compute the branch output's rows for the tokens `idx` and write them into the
+cache buffer; the caller adds the cache to the residual. The original branch nodes that are no longer
+read die in dead-code elimination.
 
 Which nodes run on the chosen rows and which run on all tokens is decided backwards from the output:
 a node whose rows are wanted asks its inputs for rows, except at attention, whose keys and values are
 wanted for all tokens (or, with `cached_kv`, as a cache updated with the chosen rows). A node wanted
 both ways runs on all tokens and its rows are gathered from the result.
+
+Joint attention: along a token axis that also holds another stream's rows (`Axes.extra`), those rows
+are kept whole and only the stream's rows are gathered, so the other stream's outputs read off the
+gathered computation (`passenger_outputs`) are exact; they are rewired to it. New nodes go before the
+first output (branch output or passenger output) that comes after the node they copy.
 """
 from __future__ import annotations
 
 import operator
 from collections import defaultdict
 
+import torch
 import torch.fx as fx
 
 from ..analysis.residual import Branch
-from ..analysis.tokens import Axes, op_name, shape
-from .ops import gather_rows, scatter_rows
+from ..analysis.tokens import Axes, index_items, op_name, shape
+from .ops import gather_rows, joint_rows, scatter_rows
 
 ROWS, FULL = "rows", "full"
 _SIZED = {"view", "reshape", "expand", "broadcast_to"}
+_SPLITS = {"split", "split_with_sizes", "chunk"}
 
 
 def gather_branch(
@@ -30,65 +37,44 @@ def gather_branch(
     branch: Branch,
     idx: fx.Node,
     k: int,
-    cache: fx.Node,
+    cache: fx.Node | None,
     kv_slots: dict[fx.Node, fx.Node],
-) -> fx.Node:
-    """Insert the partial computation of `branch`; return the updated cache node.
+) -> fx.Node | None:
+    """Insert the partial computation of `branch`; return the updated cache node (none without a
+    cache: then only the passenger outputs are rewired).
 
     `kv_slots` maps attention inputs consumed over all tokens (keys, values) and cross-attention
     context keys/values to cache placeholders; those not in it are computed in full.
     """
-    needs = wanted(branch, cached_kv=set(kv_slots))
-    flow = branch.flow
-    rows: dict[fx.Node, fx.Node] = {}
-    full: dict[fx.Node, fx.Node] = {}
-    with graph.inserting_before(branch.out):
+    rewrite = _Rows(graph, branch, idx, k, kv_slots)
+    passengers = branch.flow.passenger_outputs
+    for node in [*branch.nodes, *passengers]:
+        rewrite.node(node)
+    updated = None
+    if cache is not None:
+        with graph.inserting_before(branch.out):
+            rows = rewrite.rows_of(branch.out)
+            updated = graph.call_function(scatter_rows, (cache, branch.out_axes.tok, idx, rows))
+    for node in passengers:
+        if node in rewrite.rows:
+            node.replace_all_uses_with(rewrite.rows[node])
+    return updated
 
-        def rows_of(node: fx.Node) -> fx.Node:
-            if node not in rows:
-                axis = flow.external_rows.get(node, None)
-                axis = flow.info[node].tok if axis is None else axis
-                rows[node] = graph.call_function(gather_rows, (node, axis, idx))
-            return rows[node]
 
-        def full_of(node: fx.Node) -> fx.Node:
-            slot = kv_slots.get(node)
-            if slot is None:
-                return node
-            if node not in flow.info:  # context keys/values: read the cache filled on full steps
-                return slot
-            if node not in full:
-                full[node] = graph.call_function(scatter_rows, (slot, flow.info[node].tok, idx, rows_of(node)))
-            return full[node]
-
-        def arg(a: fx.Node, full_args: set[fx.Node]) -> fx.Node:
-            if a in full_args:
-                return full_of(a)
-            if a in rows or a in flow.external_rows or isinstance(flow.info.get(a), (Axes, tuple)):
-                return rows_of(a)
-            return a
-
-        for node in branch.nodes:
-            if needs[node] != {ROWS}:
-                continue
-            if _reads_full_tuple(node, needs):
-                rows_of(node)
-                continue
-            full_args = set(flow.full_inputs.get(node, ())) | set(flow.context_kv)
-            new = graph.node_copy(node, lambda a: arg(a, full_args))
-            new.meta.pop("example_value", None)  # the full-size shape no longer holds
-            if op_name(node) in _SIZED:
-                new.args = (new.args[0], _sized(node, branch, k))
-            rows[node] = new
-        return graph.call_function(scatter_rows, (cache, branch.out_axes.tok, idx, rows_of(branch.out)))
+def insertion_point(branch: Branch) -> fx.Node:
+    """The first node that the partial computation of `branch` must precede."""
+    return min([branch.out, *branch.flow.passenger_outputs], key=_position(branch).__getitem__)
 
 
 def wanted(branch: Branch, cached_kv: set[fx.Node]) -> dict[fx.Node, set[str]]:
-    """For each branch node: its rows of the chosen tokens, its full value, or both."""
+    """For each branch node (and passenger output): its rows of the chosen tokens, its full value, or both."""
     inside = set(branch.nodes)
     needs: dict[fx.Node, set[str]] = defaultdict(set)
     needs[branch.out].add(ROWS)
-    for node in reversed(branch.nodes):
+    passengers = branch.flow.passenger_outputs
+    for node in passengers:
+        needs[node].add(ROWS)
+    for node in [*passengers, *reversed(branch.nodes)]:
         full_args = branch.flow.full_inputs.get(node, ())
         for a in node.all_input_nodes:
             if a not in inside:
@@ -100,14 +86,115 @@ def wanted(branch: Branch, cached_kv: set[fx.Node]) -> dict[fx.Node, set[str]]:
     return needs
 
 
-def _reads_full_tuple(node: fx.Node, needs: dict[fx.Node, set[str]]) -> bool:
-    """An element of a multi-output op (chunk, unbind) that also runs in full: gather the element."""
-    source = node.args[0] if node.target is operator.getitem else None
-    return isinstance(source, fx.Node) and FULL in needs.get(source, ())
+# ---------------------------------------------------------------------------------------------
+
+class _Rows:
+    """Builds the chosen-rows copy of a branch, node by node in graph order."""
+
+    def __init__(self, graph: fx.Graph, branch: Branch, idx: fx.Node, k: int, kv_slots: dict[fx.Node, fx.Node]):
+        self.graph, self.branch, self.idx, self.k, self.kv_slots = graph, branch, idx, k, kv_slots
+        self.flow = branch.flow
+        self.needs = wanted(branch, cached_kv=set(kv_slots))
+        position = _position(branch)
+        sinks = sorted([branch.out, *self.flow.passenger_outputs], key=position.__getitem__)
+        self.sink_of = {n: next(s for s in sinks if position[s] >= position[n]) for n in [*branch.nodes, *sinks]}
+        self.rows: dict[fx.Node, fx.Node] = {}
+        self.full: dict[fx.Node, fx.Node] = {}
+        self.joint: dict[tuple[int, int], fx.Node] = {}
+
+    def node(self, node: fx.Node) -> None:
+        if self.needs[node] != {ROWS}:
+            return
+        # An element of a multi-output op (chunk, unbind) that runs on all tokens anyway.
+        reads_full = node.target is operator.getitem and FULL in self.needs.get(node.args[0], ())
+        if reads_full and node in self.flow.passenger_outputs:
+            return  # other-stream rows of a full value: leave them as they are
+        with self.graph.inserting_before(self.sink_of[node]):
+            if reads_full:
+                self.rows_of(node)
+            else:
+                self.rows[node] = self._copy(node)
+
+    def rows_of(self, node: fx.Node) -> fx.Node:
+        if node not in self.rows:
+            axes = self.flow.external_rows.get(node) or self.flow.info[node]
+            self.rows[node] = self.graph.call_function(gather_rows, (node, axes.tok, self.index(axes)))
+        return self.rows[node]
+
+    def index(self, axes: Axes) -> fx.Node:
+        """Positions to gather along `axes.tok`: the chosen tokens, plus other-stream rows whole."""
+        if not axes.extra:
+            return self.idx
+        key = (axes.start, axes.extra)
+        if key not in self.joint:
+            n = self.flow.tokens
+            self.joint[key] = self.graph.call_function(joint_rows, (self.idx, axes.start, n, n + axes.extra))
+        return self.joint[key]
+
+    def _full_of(self, node: fx.Node) -> fx.Node:
+        slot = self.kv_slots.get(node)
+        if slot is None:
+            return node
+        if node not in self.flow.info:  # context keys/values: read the cache filled on full steps
+            return slot
+        if node not in self.full:
+            axes = self.flow.info[node]
+            self.full[node] = self.graph.call_function(
+                scatter_rows, (slot, axes.tok, self.index(axes), self.rows_of(node))
+            )
+        return self.full[node]
+
+    def _arg(self, a: fx.Node, full_args: set[fx.Node]) -> fx.Node:
+        if a in full_args:
+            return self._full_of(a)
+        if a in self.rows or a in self.flow.external_rows or isinstance(self.flow.info.get(a), (Axes, tuple)):
+            return self.rows_of(a)
+        return a
+
+    def _copy(self, node: fx.Node) -> fx.Node:
+        full_args = set(self.flow.full_inputs.get(node, ())) | set(self.flow.context_kv)
+        source = node.args[0] if node.args else None
+        source_axes = self.flow.info.get(source) if isinstance(source, fx.Node) else None
+        if op_name(node) in _SPLITS and isinstance(source_axes, Axes) and _dim(node) == source_axes.tok:
+            return self.graph.call_function(torch.split, (self._arg(source, full_args), self._pieces(node), _dim(node)))
+        new = self.graph.node_copy(node, lambda a: self._arg(a, full_args))
+        new.meta.pop("example_value", None)  # the full-size shape no longer holds
+        if op_name(node) in _SIZED:
+            new.args = (new.args[0], self._sized(node))
+            new.kwargs = {key: v for key, v in new.kwargs.items() if key not in ("size", "shape")}
+        elif node.target is operator.getitem and isinstance(source_axes, Axes):
+            new.args = (new.args[0], self._index(node, source_axes))
+        return new
+
+    def _sized(self, node: fx.Node) -> tuple[int, ...]:
+        """The output shape of a view/reshape/expand with the stream's rows cut to k."""
+        dims, axes = list(shape(node)), self.flow.info[node]
+        dims[axes.tok] = self.k + axes.extra
+        return tuple(dims)
+
+    def _index(self, node: fx.Node, axes: Axes) -> tuple:
+        """A basic index with its part of the token axis moved to where it lands among k rows."""
+        src = shape(node.args[0])
+        items = index_items(node, len(src), node.args[1])
+        slot = [i for i, item in enumerate(items) if item is not None][axes.tok]
+        kept = range(src[axes.tok])[items[slot]]
+        n = self.flow.tokens
+        items[slot] = slice(axes.rows_pos(kept.start, n, self.k), axes.rows_pos(kept.stop, n, self.k))
+        return tuple(items)
+
+    def _pieces(self, node: fx.Node) -> list[int]:
+        """Sizes of a split along the token axis once the stream's rows are cut to k."""
+        axes, n, bounds = self.flow.info[node.args[0]], self.flow.tokens, [0]
+        for value in node.meta["example_value"]:
+            bounds.append(bounds[-1] + int(value.shape[_dim(node)]))
+        moved = [axes.rows_pos(b, n, self.k) for b in bounds]
+        return [hi - lo for lo, hi in zip(moved, moved[1:])]
 
 
-def _sized(node: fx.Node, branch: Branch, k: int) -> tuple[int, ...]:
-    """The output shape of a view/reshape/expand with the token axis shrunk to k rows."""
-    dims = list(shape(node))
-    dims[branch.flow.info[node].tok] = k
-    return tuple(dims)
+def _dim(node: fx.Node) -> int:
+    dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+    return dim + len(shape(node.args[0])) if dim < 0 else dim
+
+
+def _position(branch: Branch) -> dict[fx.Node, int]:
+    return {node: i for i, node in enumerate(branch.out.graph.nodes)}

@@ -13,6 +13,19 @@ def gather_rows(x: torch.Tensor, dim: int, idx: torch.Tensor) -> torch.Tensor:
     return x.index_select(dim, idx)
 
 
+def no_rows(x: torch.Tensor) -> torch.Tensor:
+    """An empty token choice: a joint attention computes only the other stream's rows."""
+    return torch.empty(0, dtype=torch.long, device=x.device)
+
+
+def joint_rows(idx: torch.Tensor, start: int, n: int, total: int) -> torch.Tensor:
+    """Positions along a joint token axis (another stream's rows around this stream's n rows at
+    `start`): the other stream's rows whole, this stream's chosen rows."""
+    before = torch.arange(start, device=idx.device)
+    after = torch.arange(start + n, total, device=idx.device)
+    return torch.cat([before, idx + start, after])
+
+
 def scatter_rows(cache: torch.Tensor, dim: int, idx: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """Write recomputed rows into the cache (in place) and return the updated cache."""
     return cache.index_copy_(dim, idx, rows.to(cache.dtype))
@@ -32,6 +45,8 @@ def eliminate_dead_code(graph: fx.Graph) -> None:
         if node.op in ("placeholder", "output") or node.users:
             continue
         if node.op == "call_function" and node.target in SIDE_EFFECTS:
+            continue
+        if node.op == "call_method" and node.target.endswith("_"):  # in place (FX deems methods pure)
             continue
         if node.is_impure():
             continue

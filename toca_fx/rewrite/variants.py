@@ -18,8 +18,8 @@ from ..config import ToCaConfig
 from ..policies.toca import BranchPlan
 from ..scores import refresh_scores, select_tokens
 from ..state import BufferSpec
-from .gather_scatter import gather_branch
-from .ops import eliminate_dead_code, store
+from .gather_scatter import gather_branch, insertion_point
+from .ops import eliminate_dead_code, no_rows, store
 
 
 @dataclass
@@ -70,9 +70,13 @@ def _apply(graph: fx.Graph, branch: Branch, plan: BranchPlan, slots: Slots) -> N
                 graph.call_function(store, (slot, node))
         return
     if plan.mode == "reuse":
+        if branch.flow.passenger_outputs:  # another stream still reads the attention: run its rows only
+            with graph.inserting_before(insertion_point(branch)):
+                none = graph.call_function(no_rows, (branch.stream,))
+            gather_branch(graph, branch, none, 0, None, {})
         branch.out.replace_all_uses_with(slots.cache)
         return
-    with graph.inserting_before(branch.out):
+    with graph.inserting_before(insertion_point(branch)):
         idx = graph.call_function(select_tokens, (branch.stream, slots.staleness, slots.ref_norm, plan.k))
     branch.out.replace_all_uses_with(gather_branch(graph, branch, idx, plan.k, slots.cache, slots.kv))
 
@@ -98,14 +102,14 @@ def _add_placeholders(graph: fx.Graph, analysis: Analysis, config: ToCaConfig) -
 
 def _scored(branch: Branch, config: ToCaConfig) -> bool:
     """Whether partial steps recompute some of this branch's tokens (and so need token scores)."""
-    return branch.kind != "self_attn" or config.self_attn != "reuse"
+    return not branch.attends_tokens or config.self_attn != "reuse"
 
 
 def _kv_nodes(branch: Branch, config: ToCaConfig) -> list[fx.Node]:
     """Attention inputs cached across steps: context keys/values, and self-attention keys/values
     when configured."""
     nodes = list(branch.flow.context_kv)
-    if branch.kind == "self_attn" and config.self_attn == "recompute_cached_kv":
+    if branch.attends_tokens and config.self_attn == "recompute_cached_kv":
         nodes += [n for inputs in branch.flow.full_inputs.values() for n in inputs if n not in nodes]
     return nodes
 
