@@ -104,41 +104,44 @@ class CachedGraph:
         self.options = options
         self.policy = ToCaPolicy(config)
         self.state = CacheState(buffer_specs(analysis, config), config.num_steps, config.calls_per_step)
-        self.compiled: dict[str, Callable] = {}
+        self._steps: dict[tuple[int, int], tuple[str, tuple, dict]] = {}  # (step, num_steps) -> plan
+        self._labels: dict[str, tuple] = {}  # label -> plan key, for variant_graph
         self._graphs: dict[tuple, fx.GraphModule] = {}
         self._fns: dict[tuple, Callable] = {}
-        self._rows: dict[str, dict[int, tuple[int, int]]] = {}
-        self._flops: dict[str, int] = {}
+        self._flops: dict[Any, int] = {}
         self._example: list[Any] | None = None
         self._pool = None
 
     def __call__(self, *args: Any) -> Any:
-        variant = self.policy.variant(self.state.step)
+        label, key, rows = self._plan(self.state.step)
         buffers = self.state.ensure_buffers()
-        fn = self.compiled.get(variant)
+        fn = self._fns.get(key)
         if fn is None:
-            fn = self.compiled[variant] = self._compile(variant, [*args, *buffers])
+            fn = self._compile(key, [*args, *buffers])
         out = fn(*args, *buffers)
-        self.state.record(variant, self._rows[variant])
+        self.state.record(label, rows, key)
         return out
 
-    def variant_graph(self, variant: str) -> fx.GraphModule:
-        """The rewritten graph of a variant ("full" or "partial"), before compilation."""
-        key = self._key(variant)
-        if key not in self._graphs:
-            plans = dict(key)
-            self._graphs[key] = build_variant(self.gm, plans, self.config)
-        return self._graphs[key]
+    def variant_graph(self, label: str) -> fx.GraphModule:
+        """The rewritten graph of the first step the policy labels `label` ("full", "partial"), uncompiled."""
+        if label not in self._labels:
+            for step in range(self.state.num_steps):
+                self._plan(step)
+        return self._graph(self._labels[label])
 
     @property
-    def flops(self) -> dict[str, int]:
-        """Theoretical FLOPs of one call of each variant run so far, and of the uncached graph."""
+    def flops(self) -> dict[Any, int]:
+        """Theoretical FLOPs of one call of each plan compiled so far (by plan key), and "uncached"."""
         if self._example is not None:
             n_args = len(self._example) - len(self.state.specs)
             self._flops.setdefault("uncached", graph_flops(self.gm, self._example[:n_args]))
-            for variant in self.compiled:
-                self._flops.setdefault(variant, graph_flops(self.variant_graph(variant), self._example))
+            for key in self._fns:
+                self._flops.setdefault(key, graph_flops(self._graph(key), self._example))
         return self._flops
+
+    def label_flops(self, label: str) -> int:
+        """Theoretical FLOPs of one call of the step labelled `label` ("uncached" for the original)."""
+        return self.flops["uncached"] if label == "uncached" else self.flops[self._labels[label]]
 
     def branch_stats(self, graph_index: int) -> list[dict[str, Any]]:
         rows, capacity = self.state.rows, self.state.row_capacity
@@ -160,17 +163,27 @@ class CachedGraph:
     def n_compiled(self) -> int:
         return len(self._fns)
 
-    def _key(self, variant: str) -> tuple:
-        plans = self.policy.plans(variant, self.analysis.branches)
-        self._rows[variant] = {b.index: _rows(plans[b.index], b.tokens) for b in self.analysis.branches}
-        return tuple(sorted(plans.items()))
+    def _plan(self, step: int) -> tuple[str, tuple, dict[int, tuple[int, int]]]:
+        """The policy's plan for a step: its label, a hashable key, and rows computed per branch."""
+        memo = (step, self.state.num_steps)
+        if memo not in self._steps:
+            plans = self.policy.plans(step, self.state.num_steps, self.analysis.branches)
+            label = self.policy.label(step, self.state.num_steps)
+            key = tuple(sorted(plans.items()))
+            rows = {b.index: _rows(plans[b.index], b.tokens) for b in self.analysis.branches}
+            self._steps[memo] = (label, key, rows)
+            self._labels.setdefault(label, key)
+        return self._steps[memo]
 
-    def _compile(self, variant: str, inputs: list[Any]) -> Callable:
+    def _graph(self, key: tuple) -> fx.GraphModule:
+        if key not in self._graphs:
+            self._graphs[key] = build_variant(self.gm, dict(key), self.config)
+        return self._graphs[key]
+
+    def _compile(self, key: tuple, inputs: list[Any]) -> Callable:
         if self._example is None:  # shapes only, for counting FLOPs on demand
             self._example = shapes_of(inputs)
-        key = self._key(variant)
-        if key not in self._fns:
-            self._fns[key] = self._compile_graph(self.variant_graph(variant), inputs)
+        self._fns[key] = self._compile_graph(self._graph(key), inputs)
         return self._fns[key]
 
     def _compile_graph(self, gm: fx.GraphModule, inputs: list[Any]) -> Callable:
@@ -193,8 +206,8 @@ def _rows(plan: BranchPlan, tokens: int) -> tuple[int, int]:
 
 def _flops_ratio(graphs: list[CachedGraph]) -> float:
     """Theoretical FLOPs of all calls so far relative to running them without caching."""
-    done = sum(sum(n * g.flops[v] for v, n in g.state.calls.items()) for g in graphs)
-    uncached = sum(sum(g.state.calls.values()) * g.flops.get("uncached", 0) for g in graphs)
+    done = sum(sum(n * g.flops[key] for key, n in g.state.plan_calls.items()) for g in graphs)
+    uncached = sum(sum(g.state.plan_calls.values()) * g.flops.get("uncached", 0) for g in graphs)
     return _fraction(done, uncached)
 
 

@@ -37,7 +37,8 @@ class CacheState:
         self.stream_buffers: list[list[torch.Tensor] | None] = [None] * streams
         self.steps = [0] * streams
         self.turn = 0  # the call stream of the next call
-        self.calls: Counter[str] = Counter()
+        self.calls: Counter[str] = Counter()  # policy label ("full", "partial", ...) -> calls
+        self.plan_calls: Counter[tuple] = Counter()  # plan key -> calls
         self.rows: Counter[int] = Counter()  # branch index -> token rows computed, summed over calls
         self.row_capacity: Counter[int] = Counter()  # branch index -> rows a run without cache computes
 
@@ -52,9 +53,10 @@ class CacheState:
             self.stream_buffers[self.turn] = [torch.zeros(s.shape, dtype=s.dtype, device=s.device) for s in self.specs]
         return self.stream_buffers[self.turn]
 
-    def record(self, variant: str, rows: dict[int, tuple[int, int]]) -> None:
-        """Count one call: the variant run and, per branch, (rows computed, rows in total)."""
-        self.calls[variant] += 1
+    def record(self, label: str, rows: dict[int, tuple[int, int]], key: tuple = ()) -> None:
+        """Count one call: its label and plan and, per branch, (rows computed, rows in total)."""
+        self.calls[label] += 1
+        self.plan_calls[key] += 1
         for index, (done, total) in rows.items():
             self.rows[index] += done
             self.row_capacity[index] += total
@@ -71,6 +73,7 @@ class CacheState:
     def clear_counters(self) -> None:
         """Forget the calls counted so far (e.g. a warm-up), keeping the caches and the step."""
         self.calls.clear()
+        self.plan_calls.clear()
         self.rows.clear()
         self.row_capacity.clear()
 

@@ -23,13 +23,17 @@ class BranchPlan:
 
 
 class ToCaPolicy:
+    """A policy maps (step, branch) to a plan: `plans` for a step of a `num_steps` generation, and a
+    `label` that names the step in statistics. Steps with equal plans share one compiled graph."""
+
     def __init__(self, config: ToCaConfig):
         self.config = config
 
-    def variant(self, step: int) -> str:
+    def label(self, step: int, num_steps: int) -> str:
         return FULL if step % self.config.interval == 0 else PARTIAL
 
-    def plans(self, variant: str, branches: list[Branch]) -> dict[int, BranchPlan]:
+    def plans(self, step: int, num_steps: int, branches: list[Branch]) -> dict[int, BranchPlan]:
+        variant = self.label(step, num_steps)
         return {b.index: self._plan(variant, b) for b in branches}
 
     def _plan(self, variant: str, branch: Branch) -> BranchPlan:
