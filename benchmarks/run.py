@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import re
 import statistics
 import sys
 import time
@@ -130,7 +131,9 @@ def _elapsed(work: Callable, cuda: bool) -> float:
         return begin.elapsed_time(end) / 1e3
 
 
-def run_case(case: Case, device: torch.device, dtype: torch.dtype, repeats: int, modes: list, log: Callable) -> list[dict]:
+def run_case(
+    case: Case, device: torch.device, dtype: torch.dtype, repeats: int, modes: list, log: Callable, skip: str | None = None
+) -> list[dict]:
     torch.manual_seed(0)
     with device:
         model = case.build().to(device=device, dtype=dtype).eval()  # buffers made from numpy start on the CPU
@@ -143,6 +146,7 @@ def run_case(case: Case, device: torch.device, dtype: torch.dtype, repeats: int,
         suffix = " +cudagraphs" if mode else ""
         runs.append((f"inductor{suffix}", "inductor", mode))
         runs += [(f"{name}{suffix}", config, mode) for name, config in case.settings]
+    runs = [r for r in runs if not (skip and re.search(skip, r[0])) or r[1] == "inductor"]
     for name, backend, mode in runs:
         torch._dynamo.reset()
         gc.collect()
@@ -209,6 +213,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cudagraphs", choices=["off", "on", "both"], default="both",
                         help="compile with mode='reduce-overhead' (CUDA graphs) too")
     parser.add_argument("--out", type=Path, default=Path("benchmark-results"))
+    parser.add_argument("--skip", help="regular expression: settings to leave out (the Inductor baseline always runs)")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -223,7 +228,7 @@ def main(argv: list[str] | None = None) -> None:
     for name in names:
         log = lambda row: print(json.dumps({k: v for k, v in row.items()}), flush=True)  # noqa: E731
         modes = {"off": [None], "on": ["reduce-overhead"], "both": [None, "reduce-overhead"]}[args.cudagraphs]
-        rows += run_case(table[name], device, dtype, args.repeats, modes if device.type == "cuda" else [None], log)
+        rows += run_case(table[name], device, dtype, args.repeats, modes if device.type == "cuda" else [None], log, args.skip)
         (args.out / "results.json").write_text(json.dumps(rows, indent=1))
         (args.out / "benchmarks.md").write_text(markdown(rows, header) + "\n")
     print(markdown(rows, header))

@@ -40,3 +40,100 @@ def test_choice_is_unique_deterministic_and_shared_by_the_batch():
     assert torch.equal(runs[0], runs[1])
     assert len(set(runs[0].tolist())) == len(runs[0]) == 7
     assert runs[0].dim() == 1  # one index set for every sample (both CFG halves)
+
+
+# -- ToCa's scores on hand-made inputs ----------------------------------------------------------
+
+from toca_fx.scores import (  # noqa: E402
+    attention_influence,
+    cross_entropy,
+    entropy_from_map,
+    influence_from_map,
+    spatial_bonus,
+)
+
+
+def _topk(score, k):
+    return sorted(torch.topk(score, k).indices.tolist())
+
+
+def test_attention_influence_ranks_the_keys_everyone_attends_to():
+    n, d = 12, 8
+    q = torch.randn(2, 2, n, d) * 0.1  # near-uniform attention ...
+    k = torch.randn(2, 2, n, d) * 0.1
+    q[..., 0] = 1.0
+    k[:, :, [3, 7], 0] = 6.0  # ... except that every query attends to keys 3 and 7
+    full, sampled = torch.zeros(n), torch.zeros(n)
+    attention_influence(q, k, full, start=0, queries=0)
+    attention_influence(q, k, sampled, start=0, queries=4)
+    assert _topk(full, 2) == _topk(sampled, 2) == [3, 7]
+    torch.testing.assert_close(full.norm(), torch.tensor(1.0))
+
+
+def test_influence_from_a_written_out_map_reads_the_stream_columns_only():
+    probs = torch.full((1, 6, 6), 1 / 6)
+    probs[..., :, 4] += 0.5  # key 4 receives the most
+    probs[..., :, 0] += 1.0  # key 0 more, but it is another stream's (joint attention, start=1)
+    out = torch.zeros(5)
+    influence_from_map(probs, out, start=1)
+    assert _topk(out, 1) == [3]  # key 4 is the stream's token 3
+
+
+def test_cross_entropy_is_highest_for_tokens_attending_evenly():
+    n, m, d = 6, 5, 4
+    q, k = torch.zeros(1, n, d), torch.eye(m, d)[None] * 10
+    q[0, 2] = 0.0  # token 2: uniform over the context, maximal entropy
+    q[0, [0, 1, 3, 4, 5], 0] = 5.0  # the others focus on context token 0
+    q[0, 5, 1] = 5.0  # token 5 splits between two: in between
+    out = torch.zeros(n)
+    cross_entropy(q, k, out)
+    assert _topk(out, 2) == [2, 5]
+    probs = torch.softmax(q @ k.transpose(-2, -1) * d**-0.5, dim=-1)
+    again = torch.zeros(n)
+    entropy_from_map(probs.unsqueeze(1), again, tok=2)  # [B, H, N, M] written out
+    torch.testing.assert_close(out, again)
+
+
+def test_spatial_bonus_spreads_picks_over_grid_cells():
+    score = torch.arange(16.0)  # a ramp: plain top-4 takes one corner row
+    assert _topk(score, 4) == [12, 13, 14, 15]
+    spread = score + 2.0 * spatial_bonus(score, (4, 4))
+    assert _topk(spread, 4) == [5, 7, 13, 15]  # the best token of each 2x2 cell
+    odd = spatial_bonus(torch.arange(15.0), (3, 5))  # odd sizes: edge cells are smaller
+    assert odd.nonzero().flatten().tolist() == [6, 8, 9, 11, 13, 14]
+    video = spatial_bonus(torch.arange(32.0), (2, 4, 4))  # 3-D grid: 2x2x2 cells
+    assert video.nonzero().flatten().tolist() == [21, 23, 29, 31]
+
+
+def test_cache_frequency_eventually_recomputes_every_token_despite_a_fixed_attention_map():
+    n = 16
+    x = torch.randn(2, n, 4)
+    stale, ref = _state(x)
+    attention = torch.nn.functional.normalize(torch.rand(n) ** 4, dim=0)  # strongly favours a few
+    weights = (("attention", 1.0), ("spatial", 0.6), ("staleness", 0.25))
+    seen = set()
+    for _ in range(40):
+        seen.update(select_tokens(x, stale, ref, 2, weights, attention, None, (4, 4)).tolist())
+    assert seen == set(range(n))
+
+
+def test_combined_score_is_deterministic():
+    torch.manual_seed(0)
+    x, attention, entropy = torch.randn(2, 16, 4), torch.rand(16), torch.rand(16)
+    weights = (("attention", 1.0), ("change", 1.0), ("cross_entropy", 0.5), ("spatial", 0.6), ("staleness", 0.25))
+    runs = []
+    for _ in range(2):
+        stale, ref = _state(x)
+        runs.append([select_tokens(x * s, stale, ref, 5, weights, attention, entropy, (4, 4)) for s in (1.1, 0.9, 1.3)])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def test_random_baseline_follows_the_seed():
+    x = torch.randn(1, 32, 4)
+    picks = []
+    for _ in range(2):
+        torch.manual_seed(3)
+        stale, ref = _state(x)
+        picks.append(select_tokens(x, stale, ref, 6, (("random", 1.0),)))
+    assert torch.equal(picks[0], picks[1])

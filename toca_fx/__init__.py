@@ -6,7 +6,11 @@ from .backend import ToCaBackend, ToCaWarning
 from .config import ToCaConfig
 from .explain import Report, explain
 from .pipeline import enable
+from .policies.fora import FORAPolicy
+from .policies.router import Router
 
 toca_backend = ToCaBackend()
 
-__all__ = ["Report", "ToCaBackend", "ToCaConfig", "ToCaWarning", "enable", "explain", "toca_backend"]
+__all__ = [
+    "FORAPolicy", "Report", "Router", "ToCaBackend", "ToCaConfig", "ToCaWarning", "enable", "explain", "toca_backend",
+]

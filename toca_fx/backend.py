@@ -102,7 +102,7 @@ class CachedGraph:
         self.analysis = analysis
         self.config = config
         self.options = options
-        self.policy = ToCaPolicy(config)
+        self.policy = config.policy if config.policy is not None else ToCaPolicy(config)
         self.state = CacheState(buffer_specs(analysis, config), config.num_steps, config.calls_per_step)
         self._steps: dict[tuple[int, int], tuple[str, tuple, dict]] = {}  # (step, num_steps) -> plan
         self._labels: dict[str, tuple] = {}  # label -> plan key, for variant_graph

@@ -1,10 +1,14 @@
 """`ToCaConfig`: every setting of the backend, validated when it is made."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any, Mapping
+
+from .scores import DEFAULT_WEIGHTS, SCORES
 
 SELF_ATTN_MODES = ("reuse", "recompute", "recompute_cached_kv")
 INNER_COMPILERS = ("inductor", "eager")
+BRANCH_KINDS = ("self_attn", "cross_attn", "mlp")
 
 
 @dataclass(frozen=True)
@@ -22,6 +26,21 @@ class ToCaConfig:
     calls_per_step: calls of the model per denoising step, each with its own cache: 2 for a pipeline
         that calls the model for the conditional, then the unconditional half of classifier-free
         guidance (batched guidance, one call with both halves, is 1).
+    scores: weight per token score (see `toca_fx.scores`), as a mapping or (name, weight) pairs.
+    attention_queries: queries sampled (evenly spaced) to estimate the self-attention map that the
+        "attention" score reads, on full steps; 0 takes all queries. A written-out softmax map is read
+        whole at no extra cost.
+    grid: token grid (H, W) or (T, H, W) for the "spatial" score; None infers it from the graph (the
+        patch-embedding convolution, else a square of N tokens).
+    kind_factors: ratio factor per branch kind ("self_attn" covers joint attention); a ratio of 0
+        reuses the branch whole; kinds left out have factor 1.
+    depth_factors: (first, last) ratio factor, linear over a branch's depth among branches of its kind.
+    step_factors: (first, last) ratio factor, linear over the steps of a generation. Ratios are clamped
+        to [0, 1], so a negative factor recomputes nothing (ToCa's 50-step DDIM schedule starts at -1).
+    full_last: the last `full_last` steps of a generation are full steps.
+    policy: None for ToCa's schedule (the fields above), or any object with `label(step, num_steps)` and
+        `plans(step, num_steps, branches)` (e.g. `FORAPolicy`, `Router.load(path)`), which then decides
+        every step's plan; `num_steps`, `inner` and `calls_per_step` still apply.
     """
 
     interval: int = 4
@@ -30,8 +49,28 @@ class ToCaConfig:
     self_attn: str = "reuse"
     inner: str = "inductor"
     calls_per_step: int = 1
+    scores: Any = DEFAULT_WEIGHTS
+    attention_queries: int = 0
+    grid: tuple[int, ...] | None = None
+    kind_factors: Any = (("self_attn", 1.0), ("cross_attn", 1.0), ("mlp", 1.0))
+    depth_factors: tuple[float, float] = (1.0, 1.0)
+    step_factors: tuple[float, float] = (1.0, 1.0)
+    full_last: int = 0
+    policy: Any = None
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> "ToCaConfig":
+        """The settings of ToCa's paper and code for "dit", "pixart", "opensora", "flux" (see
+        `toca_fx.policies.schedules.PRESETS` for their sources); keywords override them."""
+        from .policies.schedules import PRESETS
+
+        if name not in PRESETS:
+            raise ValueError(f"ToCaConfig.preset name must be one of {tuple(PRESETS)}, got {name!r}")
+        return replace(cls(**PRESETS[name]), **overrides)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "scores", _pairs(self.scores, "scores", SCORES))
+        object.__setattr__(self, "kind_factors", _pairs(self.kind_factors, "kind_factors", BRANCH_KINDS))
         _check(_is_int(self.interval) and self.interval >= 1, "interval", "an int >= 1", self.interval)
         _check(
             _is_number(self.ratio) and 0.0 < self.ratio <= 1.0, "ratio", "a number in (0, 1]", self.ratio
@@ -43,11 +82,41 @@ class ToCaConfig:
             _is_int(self.calls_per_step) and self.calls_per_step >= 1,
             "calls_per_step", "an int >= 1", self.calls_per_step,
         )
+        _check(
+            _is_int(self.attention_queries) and self.attention_queries >= 0,
+            "attention_queries", "an int >= 0", self.attention_queries,
+        )
+        _check(
+            self.grid is None or (isinstance(self.grid, tuple) and len(self.grid) in (2, 3)
+                                  and all(_is_int(g) and g >= 1 for g in self.grid)),
+            "grid", "None or a tuple of 2 or 3 ints >= 1", self.grid,
+        )
+        for name in ("depth_factors", "step_factors"):
+            value = getattr(self, name)
+            ok = isinstance(value, tuple) and len(value) == 2 and all(_is_number(v) for v in value)
+            _check(ok, name, "a (first, last) pair of numbers", value)
+        _check(_is_int(self.full_last) and self.full_last >= 0, "full_last", "an int >= 0", self.full_last)
+        _check(
+            self.policy is None or all(callable(getattr(self.policy, m, None)) for m in ("label", "plans")),
+            "policy", "None or an object with label() and plans()", self.policy,
+        )
 
 
 def _check(ok: bool, field: str, allowed: str, value: object) -> None:
     if not ok:
         raise ValueError(f"ToCaConfig.{field} must be {allowed}, got {value!r}")
+
+
+def _pairs(value: Any, field: str, names: tuple[str, ...]) -> tuple[tuple[str, float], ...]:
+    """A mapping or (name, weight) pairs as sorted pairs (hashable, order-free); names and weights checked."""
+    items = value.items() if isinstance(value, Mapping) else value
+    try:
+        pairs = tuple(sorted((str(n), w) for n, w in items))
+    except (TypeError, ValueError):
+        pairs = ()
+    ok = bool(pairs) and all(n in names and _is_number(w) and w >= 0 for n, w in pairs)
+    _check(ok and len({n for n, _ in pairs}) == len(pairs), field, f"weights >= 0 keyed by {names}", value)
+    return pairs
 
 
 def _is_int(value: object) -> bool:

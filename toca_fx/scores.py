@@ -1,15 +1,34 @@
 """Token scores: which tokens a partial step recomputes. Computed inside the compiled graph.
 
-The score here: staleness first (steps since the token was last recomputed, so every token is
-refreshed in turn), then change magnitude (how far the token's norm has moved since it was last
-recomputed) to order tokens of equal staleness. One choice serves the whole batch, so both halves of
-a batched classifier-free-guidance call recompute the same tokens.
+ToCa's four scores and two baselines, each a function of per-token state, combined by the weights of
+`ToCaConfig.scores` (a weighted sum; "spatial" is a bonus on that sum):
+
+- "attention": how much attention each token receives (column sums of its block's self-attention map,
+  L2-normalised as in ToCa's code), taken when the self-attention runs over all tokens (full steps);
+- "cross_entropy": entropy of each image token's cross-attention over the text, L2-normalised, taken on
+  full steps;
+- "staleness": cache frequency, steps since the token was last recomputed (every token gets its turn);
+- "spatial": in each cell (2 tokens per grid axis) of the token grid, the best-scoring token gets
+  `weight x its score` on top (ToCa: 0.6), which spreads the recomputed tokens over the image;
+- "change": how far the token's norm moved since it was last recomputed, squashed to [0, 1);
+- "random": uniform noise (a baseline).
+
+The default, staleness + change, ranks by staleness first (change / (1 + change) < 1 breaks ties only).
+One choice serves the whole batch, so both halves of a batched classifier-free-guidance call recompute
+the same tokens.
 """
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
 
 from .rewrite.ops import SIDE_EFFECTS
+
+SCORES = ("attention", "cross_entropy", "staleness", "spatial", "change", "random")
+DEFAULT_WEIGHTS = (("change", 1.0), ("staleness", 1.0))  # sorted, as ToCaConfig keeps weights
+CELL = 2  # tokens per grid axis in one spatial cell
 
 
 def token_norm(x: torch.Tensor) -> torch.Tensor:
@@ -17,12 +36,36 @@ def token_norm(x: torch.Tensor) -> torch.Tensor:
     return x.float().norm(dim=-1).mean(dim=0)
 
 
-def select_tokens(x: torch.Tensor, staleness: torch.Tensor, ref_norm: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the k tokens to recompute; updates the staleness and reference norms."""
+def select_tokens(
+    x: torch.Tensor,
+    staleness: torch.Tensor,
+    ref_norm: torch.Tensor,
+    k: int,
+    weights: tuple[tuple[str, float], ...] = DEFAULT_WEIGHTS,
+    attention: torch.Tensor | None = None,
+    entropy: torch.Tensor | None = None,
+    grid: tuple[int, ...] | None = None,
+) -> torch.Tensor:
+    """Indices of the k tokens with the highest combined score; updates staleness and reference norms.
+
+    `attention` and `entropy` are [N] maps kept from the last full step (None: that score is off).
+    """
+    w = dict(weights)
     norm = token_norm(x)
-    change = (norm - ref_norm).abs()
-    # change / (1 + change) is in [0, 1) and keeps the order of changes: it breaks staleness ties only.
-    score = staleness + change / (1 + change)
+    score = torch.zeros_like(staleness)
+    if w.get("staleness"):
+        score = score + w["staleness"] * staleness
+    if w.get("change"):
+        change = (norm - ref_norm).abs()
+        score = score + w["change"] * change / (1 + change)
+    if w.get("attention") and attention is not None:
+        score = score + w["attention"] * attention
+    if w.get("cross_entropy") and entropy is not None:
+        score = score + w["cross_entropy"] * entropy
+    if w.get("random"):
+        score = score + w["random"] * torch.rand(score.shape, device=score.device)
+    if w.get("spatial") and grid is not None:
+        score = score + w["spatial"] * spatial_bonus(score, grid)
     idx = torch.topk(score, k, sorted=False).indices
     staleness.add_(1).index_fill_(0, idx, 0)
     ref_norm.index_copy_(0, idx, norm.index_select(0, idx))
@@ -35,4 +78,55 @@ def refresh_scores(x: torch.Tensor, staleness: torch.Tensor, ref_norm: torch.Ten
     return staleness.zero_()
 
 
-SIDE_EFFECTS.update({select_tokens, refresh_scores})
+def spatial_bonus(score: torch.Tensor, grid: tuple[int, ...]) -> torch.Tensor:
+    """[N]: each grid cell's best-scoring token keeps its score, the others get 0 (ties: the first)."""
+    nd = len(grid)
+    pad = [p for size in reversed(grid) for p in (0, -size % CELL)]
+    g = F.pad(score.view(grid), pad, value=-math.inf)  # odd sizes: a padded position never wins its cell
+    cells = [s // CELL for s in g.shape]
+    # [c0, CELL, c1, CELL, ...] -> [c0, c1, ..., CELL, CELL, ...]: each cell's tokens on the last axes.
+    order = [*range(0, 2 * nd, 2), *range(1, 2 * nd, 2)]
+    blocks = g.reshape([d for c in cells for d in (c, CELL)]).permute(order)
+    per_cell = blocks.reshape(*cells, -1)
+    best = F.one_hot(per_cell.argmax(dim=-1), per_cell.shape[-1]).to(score.dtype).reshape(blocks.shape)
+    mask = best.permute([order.index(i) for i in range(2 * nd)]).reshape(g.shape)
+    return score * mask[tuple(slice(0, s) for s in grid)].reshape(-1)
+
+
+def attention_influence(
+    q: torch.Tensor, k: torch.Tensor, out: torch.Tensor, start: int, queries: int, scale: float | None = None
+) -> torch.Tensor:
+    """Fill `out` [N] with the attention each of the stream's N keys (from `start` on the key axis)
+    receives, summed over queries, heads and batch and L2-normalised. q, k: [..., L, d]; `queries` > 0
+    estimates the map from that many evenly spaced queries (fused attention keeps no map)."""
+    if 0 < queries < q.shape[-2]:
+        q = q[..., :: q.shape[-2] // queries, :][..., :queries, :]
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    probs = ((q.float() @ k.float().transpose(-2, -1)) * scale).softmax(dim=-1)
+    return influence_from_map(probs, out, start)
+
+
+def influence_from_map(probs: torch.Tensor, out: torch.Tensor, start: int) -> torch.Tensor:
+    """As `attention_influence`, from an attention map [..., L, L] whose last axis is the keys."""
+    cols = probs.float().sum(dim=-2).reshape(-1, probs.shape[-1]).sum(dim=0)[start : start + out.shape[0]]
+    return out.copy_(F.normalize(cols, dim=0))
+
+
+def cross_entropy(q: torch.Tensor, k: torch.Tensor, out: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """Fill `out` [N] with each query token's entropy over the context keys (q: [..., N, d], k: [..., M, d])."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    probs = ((q.float() @ k.float().transpose(-2, -1)) * scale).softmax(dim=-1)
+    return entropy_from_map(probs, out, probs.dim() - 2)
+
+
+def entropy_from_map(probs: torch.Tensor, out: torch.Tensor, tok: int) -> torch.Tensor:
+    """As `cross_entropy`, from a cross-attention map whose last axis is the context and `tok` the tokens."""
+    p = probs.float()
+    ent = -(p * p.clamp_min(1e-12).log()).sum(dim=-1)
+    ent = ent.movedim(tok, -1).reshape(-1, out.shape[0]).mean(dim=0)
+    return out.copy_(F.normalize(ent, dim=0))
+
+
+SIDE_EFFECTS.update(
+    {select_tokens, refresh_scores, attention_influence, influence_from_map, cross_entropy, entropy_from_map}
+)

@@ -16,9 +16,10 @@ from ..analysis.residual import Analysis, Branch, find_branches
 from ..analysis.tokens import shape
 from ..config import ToCaConfig
 from ..policies.toca import BranchPlan
-from ..scores import refresh_scores, select_tokens
+from ..scores import DEFAULT_WEIGHTS, refresh_scores, select_tokens
 from ..state import BufferSpec
 from .gather_scatter import gather_branch, insertion_point
+from .score_maps import entropy_source, fill_maps, influence_source, readers, token_grid
 from .ops import eliminate_dead_code, no_rows, store
 
 
@@ -29,6 +30,8 @@ class Slots:
     cache: fx.Node
     staleness: fx.Node | None = None
     ref_norm: fx.Node | None = None
+    attention: fx.Node | None = None  # the self-attention map this branch fills on full steps
+    entropy: fx.Node | None = None  # the cross-attention entropy this branch fills on full steps
     kv: dict[fx.Node, fx.Node] = field(default_factory=dict)
 
 
@@ -36,12 +39,10 @@ def buffer_specs(analysis: Analysis, config: ToCaConfig) -> list[BufferSpec]:
     """The buffers every variant of this graph shares, in placeholder order."""
     specs = []
     for b in analysis.branches:
-        specs.append(_spec(f"b{b.index}_cache", b.out))
-        if _scored(b, config):
-            n, device = b.tokens, _value(b.out).device
-            specs.append(BufferSpec(f"b{b.index}_stale", (n,), torch.float32, device))
-            specs.append(BufferSpec(f"b{b.index}_ref", (n,), torch.float32, device))
-        specs.extend(_spec(f"b{b.index}_kv{j}", node) for j, node in enumerate(_kv_nodes(b, config)))
+        n, device = b.tokens, _value(b.out).device
+        for name, node in _layout(b, config):
+            full = f"b{b.index}_{name}"
+            specs.append(_spec(full, node) if node is not None else BufferSpec(full, (n,), torch.float32, device))
     return specs
 
 
@@ -52,16 +53,20 @@ def build_variant(gm: fx.GraphModule, plans: dict[int, BranchPlan], config: ToCa
     graph.output(graph.graph_copy(gm.graph, {}))
     analysis = find_branches(graph)
     slots = _add_placeholders(graph, analysis, config)
+    sources = readers(analysis)
     for branch in analysis.branches:
-        _apply(graph, branch, plans[branch.index], slots[branch.index])
+        score_args = _score_args(graph, branch, sources[branch.index], slots, config)
+        _apply(graph, branch, plans[branch.index], slots[branch.index], score_args, config.attention_queries)
     eliminate_dead_code(graph)
     return fx.GraphModule(gm, graph)
 
 
 # ---------------------------------------------------------------------------------------------
 
-def _apply(graph: fx.Graph, branch: Branch, plan: BranchPlan, slots: Slots) -> None:
+def _apply(graph: fx.Graph, branch: Branch, plan: BranchPlan, slots: Slots, score_args: tuple, queries: int) -> None:
+    """`score_args`: (weights, attention map, entropy map, grid), the trailing arguments of select_tokens."""
     if plan.mode == "fill":
+        fill_maps(graph, branch, slots.attention, slots.entropy, queries)
         with graph.inserting_after(branch.out):
             graph.call_function(store, (slots.cache, branch.out))
             if slots.staleness is not None:
@@ -77,8 +82,24 @@ def _apply(graph: fx.Graph, branch: Branch, plan: BranchPlan, slots: Slots) -> N
         branch.out.replace_all_uses_with(slots.cache)
         return
     with graph.inserting_before(insertion_point(branch)):
-        idx = graph.call_function(select_tokens, (branch.stream, slots.staleness, slots.ref_norm, plan.k))
+        idx = graph.call_function(select_tokens, (branch.stream, slots.staleness, slots.ref_norm, plan.k, *score_args))
     branch.out.replace_all_uses_with(gather_branch(graph, branch, idx, plan.k, slots.cache, slots.kv))
+
+
+def _score_args(graph: fx.Graph, branch: Branch, sources: tuple, slots: dict[int, Slots], config: ToCaConfig) -> tuple:
+    """The trailing arguments of `select_tokens` (weights, attention map, entropy map, grid); those left
+    at their defaults are dropped, so the default score prints as it always did."""
+    attn, cross = sources
+    spatial = dict(config.scores).get("spatial")
+    args = [
+        config.scores,
+        slots[attn.index].attention if attn is not None else None,
+        slots[cross.index].entropy if cross is not None else None,
+        token_grid(graph, branch.tokens, config.grid) if spatial else None,
+    ]
+    while args and args[-1] is None:
+        args.pop()
+    return () if args == [DEFAULT_WEIGHTS] else tuple(args)
 
 
 def _add_placeholders(graph: fx.Graph, analysis: Analysis, config: ToCaConfig) -> dict[int, Slots]:
@@ -92,12 +113,25 @@ def _add_placeholders(graph: fx.Graph, analysis: Analysis, config: ToCaConfig) -
 
     slots = {}
     for b in analysis.branches:
-        s = Slots(placeholder(f"b{b.index}_cache"))
-        if _scored(b, config):
-            s.staleness, s.ref_norm = placeholder(f"b{b.index}_stale"), placeholder(f"b{b.index}_ref")
-        s.kv = {node: placeholder(f"b{b.index}_kv{j}") for j, node in enumerate(_kv_nodes(b, config))}
-        slots[b.index] = s
+        made = {name: placeholder(f"b{b.index}_{name}") for name, _ in _layout(b, config)}
+        slots[b.index] = Slots(
+            made["cache"], made.get("stale"), made.get("ref"), made.get("attn"), made.get("ent"),
+            {node: made[f"kv{j}"] for j, node in enumerate(_kv_nodes(b, config))},
+        )
     return slots
+
+
+def _layout(branch: Branch, config: ToCaConfig) -> list[tuple[str, fx.Node | None]]:
+    """A branch's buffers: (name, node whose shape it has; None for a per-token [N] float32 vector)."""
+    weights = dict(config.scores)
+    names = [("cache", branch.out)]
+    if _scored(branch, config):
+        names += [("stale", None), ("ref", None)]
+    if weights.get("attention") and influence_source(branch) is not None:
+        names.append(("attn", None))
+    if weights.get("cross_entropy") and entropy_source(branch) is not None:
+        names.append(("ent", None))
+    return names + [(f"kv{j}", node) for j, node in enumerate(_kv_nodes(branch, config))]
 
 
 def _scored(branch: Branch, config: ToCaConfig) -> bool:

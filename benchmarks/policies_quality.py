@@ -1,0 +1,168 @@
+"""Quality against theoretical speedup for ToCa, FORA and a learned router (HarmoniCa), on CPU.
+
+    python benchmarks/policies_quality.py                 # ~minutes on 2 cores; markdown table to stdout
+    python benchmarks/policies_quality.py --compile-cost  # Inductor compile seconds per distinct plan
+
+The embedded digits DiT samples `--samples` images (labels 0..9 in turn) by DDIM with guidance, from
+the same noise for every policy, with the rewritten graphs run eagerly (inner="eager": no Inductor
+compile time). Speedup = 1 / backend.stats()["flops_ratio"]. Quality: digit-classifier accuracy,
+Frechet distance of classifier features to the real digits, PSNR against the uncached samples.
+The router is trained once (`--iterations`, `--beta`); its operating points for the target speedups
+are its learned gates thresholded at the level that reaches each target (`Router.with_threshold`).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from toca_fx import FORAPolicy, Router, ToCaBackend, ToCaConfig
+from toca_fx.metrics import classifier_accuracy, digits_frechet_distance, psnr
+from toca_fx.models.digits import load_digits_classifier, load_digits_dit
+from toca_fx.router import TrainConfig, train
+from toca_fx.sampling import ddim_sample
+
+TARGETS = (1.5, 2.0, 3.0)
+TOCA_GRID = [(i, r) for i in (2, 3, 4, 6) for r in (0.1, 0.3, 0.5)]
+FORA_INTERVALS = (2, 3, 4)
+SHAPE = (1, 16, 16)
+
+
+def generate(
+    model: torch.nn.Module, config: ToCaConfig | None, labels: torch.Tensor, steps: int
+) -> tuple[torch.Tensor, float]:
+    """Samples and theoretical speedup (1.0 uncached)."""
+    torch._dynamo.reset()
+    if config is None:
+        return ddim_sample(model, labels, SHAPE, steps=steps, seed=0), 1.0
+    backend = ToCaBackend(config)
+    fast = torch.compile(model, backend=backend, dynamic=False)
+    images = ddim_sample(fast, labels, SHAPE, steps=steps, seed=0)
+    return images, 1.0 / backend.stats()["flops_ratio"]
+
+
+def speedup(model: torch.nn.Module, config: ToCaConfig, steps: int) -> float:
+    """Theoretical speedup of a policy, from a one-sample generation (FLOPs do not depend on the batch)."""
+    return generate(model, config, torch.zeros(1, dtype=torch.long, device=_device(model)), steps)[1]
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def nearest(candidates: list[tuple[float, Any]], target: float) -> tuple[float, Any]:
+    return min(candidates, key=lambda c: abs(c[0] - target))
+
+
+def calibrate(model: torch.nn.Module, router: Router, steps: int, target: float) -> tuple[float, Router]:
+    """The router thresholded at the gate level whose speedup is closest to `target` (bisection over
+    the sorted gates: more reuse, more speedup)."""
+    levels = sorted(set(router.gates[1:].flatten().tolist())) + [1.0]
+    lo, hi, best = 0, len(levels) - 1, None
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        candidate = router.with_threshold(min(max(levels[mid], 1e-6), 1 - 1e-6) + 1e-7)
+        s = speedup(model, ToCaConfig(policy=candidate, num_steps=steps, inner="eager"), steps)
+        if best is None or abs(s - target) < abs(best[0] - target):
+            best = (s, candidate)
+        lo, hi = (mid + 1, hi) if s < target else (lo, mid - 1)
+    return best
+
+
+def evaluate(images: torch.Tensor, reference: torch.Tensor, labels: torch.Tensor, classifier: Any) -> dict[str, float]:
+    return {
+        "accuracy": classifier_accuracy(classifier, images, labels),
+        "fd": digits_frechet_distance(classifier, images),
+        "psnr": psnr(images, reference).mean().item(),
+    }
+
+
+def policies(model: torch.nn.Module, router: Router, steps: int) -> list[tuple[str, float, ToCaConfig]]:
+    """(name, speedup, config) for each method at each target speedup."""
+    toca = [(speedup(model, c, steps), c) for c in
+            (ToCaConfig(interval=i, ratio=r, num_steps=steps, inner="eager") for i, r in TOCA_GRID)]
+    fora = [(speedup(model, c, steps), c) for c in
+            (ToCaConfig(policy=FORAPolicy(i), num_steps=steps, inner="eager") for i in FORA_INTERVALS)]
+    rows = []
+    for target in TARGETS:
+        s, c = nearest(toca, target)
+        rows.append((f"ToCa interval={c.interval} ratio={c.ratio}", s, c))
+        s, c = nearest(fora, target)
+        rows.append((f"FORA interval={c.policy.interval}", s, c))
+        s, r = calibrate(model, router, steps, target)
+        rows.append((f"HarmoniCa threshold={r.threshold:.3f}", s, ToCaConfig(policy=r, num_steps=steps, inner="eager")))
+    return rows
+
+
+def quality_table(args: argparse.Namespace) -> None:
+    model, classifier = load_digits_dit(args.device), load_digits_classifier(args.device)
+    labels = torch.arange(args.samples, device=args.device) % 10
+    start = time.time()
+    config = TrainConfig(num_steps=args.steps, iterations=args.iterations, beta=args.beta, batch=args.batch)
+    result = train(model, SHAPE, config=config, path=args.router)
+    router = result.router
+    print(f"router: {router}, trained in {time.time() - start:.0f} s, objective "
+          f"{result.objectives[0]:.4g} -> {result.objectives[-1]:.4g}", file=sys.stderr)
+    reference, _ = generate(model, None, labels, args.steps)
+    unique = {name: (name, s, c) for name, s, c in policies(model, router, args.steps)}
+    rows = [("uncached", 1.0, None)] + sorted(unique.values(), key=lambda r: (r[1], r[0]))
+    print("| policy | speedup (FLOPs) | accuracy | Frechet distance | PSNR vs uncached (dB) |")
+    print("|---|---|---|---|---|")
+    for name, _, config in rows:
+        images, s = generate(model, config, labels, args.steps)
+        q = evaluate(images, reference, labels, classifier)
+        psnr_text = "inf" if config is None else f"{q['psnr']:.1f}"
+        print(f"| {name} | {s:.2f}x | {q['accuracy']:.1%} | {q['fd']:.2f} | {psnr_text} |", flush=True)
+    print(f"total {time.time() - start:.0f} s", file=sys.stderr)
+
+
+def compile_cost(args: argparse.Namespace) -> None:
+    """Distinct plans per generation and Inductor compile seconds of each (first call of a plan minus
+    a later call of it), for ToCa's defaults, FORA and a router."""
+    model = load_digits_dit()
+    x, t, y = torch.randn(2, *SHAPE), torch.full((2,), 500), torch.tensor([3, 10])
+    router = Router.load(args.router) if Path(args.router).exists() else Router(torch.rand(args.steps, 12))
+    print("| policy | distinct plans in a generation | compile seconds (each plan compiled) |")
+    print("|---|---|---|")
+    for name, config in [("ToCa defaults", ToCaConfig(num_steps=args.steps)),
+                         ("FORA interval=3", ToCaConfig(policy=FORAPolicy(3), num_steps=args.steps)),
+                         ("HarmoniCa router", ToCaConfig(policy=router, num_steps=args.steps))]:
+        torch._dynamo.reset()
+        backend = ToCaBackend(config)
+        fast = torch.compile(model, backend=backend, dynamic=False)
+        seconds, seen = [], 0
+        with torch.no_grad():
+            for _ in range(args.steps):
+                start = time.time()
+                fast(x, t, y)
+                if backend.stats()["compiles"] > seen and len(seconds) < args.max_compiles:
+                    seen = backend.stats()["compiles"]
+                    seconds.append(time.time() - start)
+        plans = len(backend.graphs[0].state.plan_calls)
+        print(f"| {name} | {plans} | {', '.join(f'{s:.1f}' for s in seconds)} |", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--samples", type=int, default=100)
+    parser.add_argument("--device", default="cpu", help="quality table only; compile cost is measured on CPU")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--iterations", type=int, default=30, help="router training iterations")
+    parser.add_argument("--batch", type=int, default=4, help="router training batch")
+    parser.add_argument("--beta", type=float, default=1e-3, help="router training: cache-use coefficient")
+    parser.add_argument("--router", default="router_digits.pt", help="where the trained router is saved")
+    parser.add_argument("--compile-cost", action="store_true", help="measure Inductor compile time per plan")
+    parser.add_argument("--max-compiles", type=int, default=4, help="compile-cost: plans timed per policy")
+    args = parser.parse_args()
+    if args.compile_cost:
+        compile_cost(args)
+    else:
+        quality_table(args)
+
+
+if __name__ == "__main__":
+    main()

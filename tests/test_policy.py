@@ -1,0 +1,104 @@
+"""ToCa's policy: ratios by branch kind, depth and step; forced last full steps; presets."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from toca_fx import ToCaConfig
+from toca_fx.policies.schedules import PRESETS, ramp
+from toca_fx.policies.toca import BranchPlan, ToCaPolicy
+
+
+def _branches(kinds: list[str], tokens: int = 100) -> list[SimpleNamespace]:
+    return [
+        SimpleNamespace(index=i, kind=kind, tokens=tokens, attends_tokens=kind in ("self_attn", "joint_attn"))
+        for i, kind in enumerate(kinds)
+    ]
+
+
+BLOCKS = _branches(["self_attn", "cross_attn", "mlp"] * 3)
+
+
+def test_default_plans_are_unchanged():
+    policy = ToCaPolicy(ToCaConfig(interval=2, ratio=0.3))
+    assert set(policy.plans(0, 10, BLOCKS).values()) == {BranchPlan("fill")}
+    plans = policy.plans(1, 10, BLOCKS)
+    assert [plans[i] for i in range(3)] == [BranchPlan("reuse"), BranchPlan("rows", 30), BranchPlan("rows", 30)]
+
+
+def test_ratio_by_kind_depth_and_step():
+    config = ToCaConfig(
+        interval=10, ratio=0.1, self_attn="recompute",
+        kind_factors={"self_attn": 0.0, "cross_attn": 1.0, "mlp": 2.0},
+        depth_factors=(1.5, 0.5), step_factors=(1.0, 2.0),
+    )
+    policy = ToCaPolicy(config)
+    first = policy.plans(1, 11, BLOCKS)  # step factor 1.1
+    assert first[0] == BranchPlan("reuse")  # a ratio of 0
+    assert [first[i].k for i in (1, 4, 7)] == [17, 11, 6]  # 10% x 1.1 x (1.5, 1.0, 0.5), ceil
+    assert [first[i].k for i in (2, 5, 8)] == [33, 22, 11]
+    last = policy.plans(9, 11, BLOCKS)  # step factor 1.9
+    assert last[2] == BranchPlan("rows", 57)  # 10% x 1.9 x 1.5 x 2
+
+
+def test_negative_factor_reuses_the_branch():
+    policy = ToCaPolicy(ToCaConfig(interval=10, step_factors=(-1.0, 3.0)))  # ToCa's DDIM-50 step factor
+    assert policy.plans(1, 10, _branches(["mlp"]))[0] == BranchPlan("reuse")
+    assert policy.plans(9, 10, _branches(["mlp"]))[0] == BranchPlan("rows", 90)
+
+
+def test_ratio_reaching_one_is_a_plain_full_branch():
+    policy = ToCaPolicy(ToCaConfig(interval=4, ratio=0.6, kind_factors={"mlp": 2.0}))
+    assert policy.plans(1, 8, _branches(["mlp"]))[0] == BranchPlan("fill")
+
+
+def test_last_steps_forced_full():
+    policy = ToCaPolicy(ToCaConfig(interval=4, full_last=2))
+    labels = [policy.label(s, 10) for s in range(10)]
+    assert labels == ["full", *["partial"] * 3, "full", *["partial"] * 3, "full", "full"]
+
+
+def test_ramp_ends():
+    assert ramp((1.8, 0.2), 0, 28) == 1.8 and ramp((1.8, 0.2), 27, 28) == pytest.approx(0.2)
+    assert ramp((1.8, 0.2), 0, 1) == 1.8
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_presets_build_and_accept_overrides(name):
+    config = ToCaConfig.preset(name, num_steps=10)
+    assert config.num_steps == 10 and config.self_attn == "reuse"
+    assert dict(config.kind_factors)["mlp"] == 2.5
+
+
+def test_dit_preset_is_tocas_published_setting():
+    config = ToCaConfig.preset("dit")
+    assert (config.interval, config.ratio, config.num_steps) == (4, 0.07, 250)
+    assert dict(config.scores) == {"attention": 1.0, "staleness": 0.0625, "spatial": 0.6}
+    assert (config.depth_factors, config.step_factors) == ((1.8, 0.2), (0.6, 1.4))
+    assert (ToCaConfig.preset("pixart").interval, ToCaConfig.preset("pixart").ratio) == (3, 0.10)
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("scores", {"entropy": 1.0}),
+        ("scores", {"staleness": -1.0}),
+        ("scores", {}),
+        ("kind_factors", {"attn": 1.0}),
+        ("attention_queries", -1),
+        ("grid", (4,)),
+        ("grid", [4, 4]),
+        ("depth_factors", (1.0,)),
+        ("step_factors", (1.0, "x")),
+        ("full_last", -1),
+    ],
+)
+def test_bad_values_are_rejected_naming_the_field(field, value):
+    with pytest.raises(ValueError, match=rf"ToCaConfig\.{field} must be"):
+        ToCaConfig(**{field: value})
+
+
+def test_unknown_preset_is_rejected():
+    with pytest.raises(ValueError, match="preset name must be one of"):
+        ToCaConfig.preset("sd3")

@@ -1,0 +1,28 @@
+"""FORA's schedule: a full step every `interval` calls (the first of a generation included); between
+them every branch is skipped and its cached output added (whole-branch reuse, no token choice).
+"""
+from __future__ import annotations
+
+from ..analysis.residual import Branch
+from .toca import FULL, BranchPlan
+
+REUSE = "reuse"
+
+
+class FORAPolicy:
+    """Whole-branch reuse between full steps: `ToCaConfig(policy=FORAPolicy(interval=3))`."""
+
+    def __init__(self, interval: int):
+        if not isinstance(interval, int) or isinstance(interval, bool) or interval < 1:
+            raise ValueError(f"FORAPolicy.interval must be an int >= 1, got {interval!r}")
+        self.interval = interval
+
+    def label(self, step: int, num_steps: int) -> str:
+        return FULL if step % self.interval == 0 else REUSE
+
+    def plans(self, step: int, num_steps: int, branches: list[Branch]) -> dict[int, BranchPlan]:
+        mode = "fill" if self.label(step, num_steps) == FULL else REUSE
+        return {b.index: BranchPlan(mode) for b in branches}
+
+    def __repr__(self) -> str:
+        return f"FORAPolicy(interval={self.interval})"

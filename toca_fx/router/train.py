@@ -1,0 +1,158 @@
+"""Router training: HarmoniCa's Step-Wise Denoising Training with the Image Error Proxy Objective.
+
+Each iteration samples the whole DDIM trajectory twice from the same noise: the teacher (the model,
+no cache) and the student (the model whose branches the router mixes with their caches; its own
+output is its next input). Every step t contributes
+
+    lambda(t) * mse(x_student_{t+1}, x_teacher_{t+1})  +  beta * mean_b sigmoid(logit[t, b]) / (T - 1)
+
+and its gradient goes to the logits of step t (the student's input is detached between steps). The
+gate is a straight-through estimator: forward with (sigmoid(logit) >= threshold), as inference runs,
+backward through the sigmoid. lambda(t) (`iepo.py`) is re-estimated every `lambda_every` iterations.
+Only the model and Gaussian noise (and random class labels) are needed.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..policies.router import Router
+from .iepo import estimate_lambdas
+from .student import Student
+from .trajectory import Sampler
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """num_steps: DDIM steps of the generations the router serves. beta: the one coefficient trading
+    the image-error proxy against cache use (larger reuses more). threshold: a gate at or above it
+    computes its branch. init_logit: the logits' start (sigmoid(2) = 0.88: everything computed)."""
+
+    num_steps: int = 20
+    iterations: int = 40
+    batch: int = 4
+    lr: float = 0.1
+    beta: float = 1e-3
+    threshold: float = 0.5
+    init_logit: float = 2.0
+    lambda_every: int = 5
+    lambda_batch: int = 2
+    cfg_scale: float = 1.5
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("num_steps", "iterations", "batch", "lambda_every", "lambda_batch"):
+            value = getattr(self, name)
+            _check(isinstance(value, int) and not isinstance(value, bool) and value >= 1, name, "an int >= 1", value)
+        for name in ("lr", "beta", "cfg_scale"):
+            value = getattr(self, name)
+            _check(isinstance(value, (int, float)) and value > 0, name, "a number > 0", value)
+        ok = isinstance(self.threshold, float) and 0 < self.threshold < 1
+        _check(ok, "threshold", "a float in (0, 1)", self.threshold)
+        _check(isinstance(self.init_logit, (int, float)), "init_logit", "a number", self.init_logit)
+        _check(isinstance(self.seed, int), "seed", "an int", self.seed)
+
+
+@dataclass
+class TrainResult:
+    router: Router
+    objectives: list[float] = field(default_factory=list)  # per iteration, before its update
+    reused: list[float] = field(default_factory=list)  # fraction of (step >= 1, branch) reused, per iteration
+    lambda_iterations: list[int] = field(default_factory=list)  # iterations that re-estimated lambda
+    lambdas: list[torch.Tensor] = field(default_factory=list)
+
+
+def train(model: Callable[..., torch.Tensor], shape: tuple[int, ...], *, config: TrainConfig | None = None,
+          num_classes: int | None = None, path: str | Path | None = None, progress: bool = True) -> TrainResult:
+    """Train a router for `model(x, t, y) -> eps` on samples of `shape` (C, H, W); class labels are drawn
+    from `num_classes` (default `model.num_classes`, also the null label of guidance). Saves to `path`."""
+    config = config or TrainConfig()
+    num_classes = num_classes if num_classes is not None else getattr(model, "num_classes", None)
+    if not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"train: num_classes must be given (the model has no int num_classes), got {num_classes!r}")
+    sampler = Sampler(config.num_steps, config.cfg_scale, null_label=num_classes)
+    student = Student(model)
+    gen = torch.Generator().manual_seed(config.seed)
+    device = next(model.parameters()).device if isinstance(model, torch.nn.Module) else torch.device("cpu")
+
+    def draw(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return (torch.randn((n, *shape), generator=gen).to(device),
+                torch.randint(0, num_classes, (n,), generator=gen).to(device))
+
+    names = student.branch_names(*_example(*draw(1), sampler))
+    logits = torch.full((config.num_steps, len(names)), float(config.init_logit), device=device, requires_grad=True)
+    optimizer = torch.optim.Adam([logits], lr=config.lr)
+    result = TrainResult(router=_router(logits, config, names))
+    lam = torch.ones(config.num_steps)
+    for it in range(config.iterations):
+        if it % config.lambda_every == 0:
+            lam = estimate_lambdas(student, sampler, result.router.computes(), *draw(config.lambda_batch))
+            result.lambda_iterations.append(it)
+            result.lambdas.append(lam)
+        optimizer.zero_grad()
+        objective = _iteration(model, student, sampler, logits, lam.to(device), config, *draw(config.batch))
+        optimizer.step()
+        result.router = _router(logits, config, names)
+        result.objectives.append(objective)
+        result.reused.append(1.0 - result.router.computes()[1:].float().mean().item())
+        if progress:
+            _progress(it + 1, config.iterations, objective, result.reused[-1])
+    if path is not None:
+        result.router.save(path)
+    return result
+
+
+def _iteration(model: Callable[..., torch.Tensor], student: Student, sampler: Sampler, logits: torch.Tensor,
+               lam: torch.Tensor, config: TrainConfig, noise: torch.Tensor, labels: torch.Tensor) -> float:
+    """One SDT pass: teacher and student trajectories; accumulates the logits' gradient; the objective."""
+    with torch.no_grad():
+        teacher, x = [], noise
+        for coeffs in sampler.coefficients():
+            x = sampler.step(model, x, labels, coeffs)
+            teacher.append(x)
+    student.reset()
+    x, objective, pairs = noise, 0.0, max(1, (config.num_steps - 1) * logits.shape[1])
+    for s, coeffs in enumerate(sampler.coefficients()):
+        soft = torch.sigmoid(logits[s])
+        hard = (soft >= config.threshold).float()
+        student.gates = None if s == 0 else hard + soft - soft.detach()  # step 0 fills the cache
+        x = sampler.step(student, x.detach(), labels, coeffs)
+        loss = lam[s] * (x - teacher[s]).pow(2).mean()
+        if s > 0:
+            loss = loss + config.beta * soft.sum() / pairs
+            (grad,) = torch.autograd.grad(loss, logits)
+            logits.grad = grad if logits.grad is None else logits.grad + grad
+        objective += loss.item()
+    student.gates = None
+    student.reset()
+    return objective
+
+
+def _example(noise: torch.Tensor, labels: torch.Tensor, sampler: Sampler) -> tuple[torch.Tensor, ...]:
+    t = torch.zeros(len(labels), dtype=torch.long, device=noise.device)
+    if sampler.cfg_scale == 1.0:
+        return noise, t, labels
+    null = torch.full_like(labels, sampler.null_label)
+    return torch.cat([noise, noise]), torch.cat([t, t]), torch.cat([labels, null])
+
+
+def _router(logits: torch.Tensor, config: TrainConfig, names: list[str]) -> Router:
+    return Router(torch.sigmoid(logits.detach()), config.threshold, names)
+
+
+def _progress(done: int, total: int, objective: float, reused: float, width: int = 30) -> None:
+    filled = width * done // total
+    sys.stderr.write(f"\rrouter [{'#' * filled}{'.' * (width - filled)}] {done}/{total} "
+                     f"objective {objective:.4g} reused {reused:.0%}")
+    if done == total:
+        sys.stderr.write("\n")
+    sys.stderr.flush()
+
+
+def _check(ok: bool, name: str, allowed: str, value: object) -> None:
+    if not ok:
+        raise ValueError(f"TrainConfig.{name} must be {allowed}, got {value!r}")
