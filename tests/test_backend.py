@@ -21,13 +21,6 @@ MODELS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
-
-
 def _run(model, backend, inputs):
     fast = torch.compile(model, backend=backend, dynamic=False)
     with torch.no_grad():

@@ -11,13 +11,6 @@ from .diffusers_zoo import build, loop_inputs
 STEPS = 6
 
 
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
-
-
 @pytest.mark.parametrize("value", [0, -1, 1.5, True, "2"])
 def test_calls_per_step_is_validated(value):
     with pytest.raises(ValueError, match="calls_per_step"):

@@ -22,13 +22,6 @@ FULL_STEPS = (0, 3, 6, 9)
 REL_ERROR_BOUND = 0.1
 
 
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
-
-
 def _run(model, backend, inputs):
     fast = torch.compile(model, backend=backend, dynamic=False)
     with torch.no_grad():

@@ -2,20 +2,12 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
 
 import toca_fx
 from toca_fx import ToCaConfig
 
 from .diffusers_zoo import build, diffusers
-
-
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
 
 
 def _pipeline():

@@ -10,13 +10,6 @@ from toca_fx.models.layers import modulate, unpatchify
 from .helpers import step_inputs, tiny_dit
 
 
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
-
-
 def _fora_reference(model, inputs, interval):
     """DiT with each block's attention and MLP outputs (before their adaLN gates) cached on full steps
     and added, under the current step's gates, in between."""

@@ -15,13 +15,6 @@ from .helpers import step_inputs, tiny_dit
 STEPS = 4
 
 
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
-
-
 @pytest.fixture(scope="module")
 def trained():
     torch._dynamo.reset()

@@ -14,13 +14,6 @@ from .helpers import step_inputs, tiny_dit, tiny_pixart
 TOCA = {"attention": 1.0, "cross_entropy": 0.5, "staleness": 0.25, "spatial": 0.6}
 
 
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
-
-
 def _run(model, config, steps=4):
     backend = ToCaBackend(config)
     fast = torch.compile(model, backend=backend, dynamic=False)

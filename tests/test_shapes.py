@@ -12,13 +12,6 @@ from toca_fx import ToCaBackend, ToCaConfig, ToCaWarning
 from .diffusers_zoo import build, loop_inputs
 
 
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
-
-
 def _backend(ratio=0.5, self_attn="reuse"):
     return ToCaBackend(ToCaConfig(interval=3, ratio=ratio, num_steps=10, self_attn=self_attn, inner="eager"))
 
