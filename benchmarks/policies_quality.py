@@ -7,8 +7,9 @@ The embedded digits DiT samples `--samples` images (labels 0..9 in turn) by DDIM
 the same noise for every policy, with the rewritten graphs run eagerly (inner="eager": no Inductor
 compile time). Speedup = 1 / backend.stats()["flops_ratio"]. Quality: digit-classifier accuracy,
 Frechet distance of classifier features to the real digits, PSNR against the uncached samples.
-The router is trained once (`--iterations`, `--beta`); its operating points for the target speedups
-are its learned gates thresholded at the level that reaches each target (`Router.with_threshold`).
+HarmoniCa: one router per target speedup, trained (`--iterations`) with beta adapted to the reuse
+fraction that the target implies (`TrainConfig.target_reuse`), then thresholded at the gate level that
+reaches the target exactly (`Router.with_threshold`). Routers are saved as `<--router>_<target>x.pt`.
 """
 from __future__ import annotations
 
@@ -81,7 +82,7 @@ def evaluate(images: torch.Tensor, reference: torch.Tensor, labels: torch.Tensor
     }
 
 
-def policies(model: torch.nn.Module, router: Router, steps: int) -> list[tuple[str, float, ToCaConfig]]:
+def policies(model: torch.nn.Module, routers: dict[float, Router], steps: int) -> list[tuple[str, float, ToCaConfig]]:
     """(name, speedup, config) for each method at each target speedup."""
     toca = [(speedup(model, c, steps), c) for c in
             (ToCaConfig(interval=i, ratio=r, num_steps=steps, inner="eager") for i, r in TOCA_GRID)]
@@ -93,22 +94,39 @@ def policies(model: torch.nn.Module, router: Router, steps: int) -> list[tuple[s
         rows.append((f"ToCa interval={c.interval} ratio={c.ratio}", s, c))
         s, c = nearest(fora, target)
         rows.append((f"FORA interval={c.policy.interval}", s, c))
-        s, r = calibrate(model, router, steps, target)
-        rows.append((f"HarmoniCa threshold={r.threshold:.3f}", s, ToCaConfig(policy=r, num_steps=steps, inner="eager")))
+        s, r = calibrate(model, routers[target], steps, target)
+        name = f"HarmoniCa (router for {target}x) threshold={r.threshold:.3f}"
+        rows.append((name, s, ToCaConfig(policy=r, num_steps=steps, inner="eager")))
     return rows
+
+
+def target_reuse(target: float, steps: int) -> float:
+    """Fraction of (step >= 1, branch) pairs to reuse for a FLOP speedup `target`, counting every FLOP
+    as branch FLOPs (step 0 always computes): 1 + (T - 1)(1 - u) = T / target."""
+    return min(0.99, max(0.01, 1 - (steps / target - 1) / (steps - 1)))
+
+
+def train_routers(model: torch.nn.Module, args: argparse.Namespace) -> dict[float, Router]:
+    routers = {}
+    for target in TARGETS:
+        start = time.time()
+        config = TrainConfig(num_steps=args.steps, iterations=args.iterations, beta=args.beta, batch=args.batch,
+                             lr=args.lr, target_reuse=target_reuse(target, args.steps))
+        result = train(model, SHAPE, config=config, path=f"{args.router}_{target}x.pt")
+        routers[target] = result.router
+        print(f"router for {target}x: {result.router}, target reuse {config.target_reuse:.0%}, "
+              f"{time.time() - start:.0f} s, objective {result.objectives[0]:.4g} -> {result.objectives[-1]:.4g}, "
+              f"beta {result.betas[0]:.2g} -> {result.betas[-1]:.2g}", file=sys.stderr)
+    return routers
 
 
 def quality_table(args: argparse.Namespace) -> None:
     model, classifier = load_digits_dit(args.device), load_digits_classifier(args.device)
     labels = torch.arange(args.samples, device=args.device) % 10
     start = time.time()
-    config = TrainConfig(num_steps=args.steps, iterations=args.iterations, beta=args.beta, batch=args.batch)
-    result = train(model, SHAPE, config=config, path=args.router)
-    router = result.router
-    print(f"router: {router}, trained in {time.time() - start:.0f} s, objective "
-          f"{result.objectives[0]:.4g} -> {result.objectives[-1]:.4g}", file=sys.stderr)
+    routers = train_routers(model, args)
     reference, _ = generate(model, None, labels, args.steps)
-    unique = {name: (name, s, c) for name, s, c in policies(model, router, args.steps)}
+    unique = {name: (name, s, c) for name, s, c in policies(model, routers, args.steps)}
     rows = [("uncached", 1.0, None)] + sorted(unique.values(), key=lambda r: (r[1], r[0]))
     print("| policy | speedup (FLOPs) | accuracy | Frechet distance | PSNR vs uncached (dB) |")
     print("|---|---|---|---|---|")
@@ -125,7 +143,8 @@ def compile_cost(args: argparse.Namespace) -> None:
     a later call of it), for ToCa's defaults, FORA and a router."""
     model = load_digits_dit()
     x, t, y = torch.randn(2, *SHAPE), torch.full((2,), 500), torch.tensor([3, 10])
-    router = Router.load(args.router) if Path(args.router).exists() else Router(torch.rand(args.steps, 12))
+    saved = Path(f"{args.router}_{TARGETS[1]}x.pt")
+    router = Router.load(saved) if saved.exists() else Router(torch.rand(args.steps, 12))
     print("| policy | distinct plans in a generation | compile seconds (each plan compiled) |")
     print("|---|---|---|")
     for name, config in [("ToCa defaults", ToCaConfig(num_steps=args.steps)),
@@ -153,8 +172,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--iterations", type=int, default=30, help="router training iterations")
     parser.add_argument("--batch", type=int, default=4, help="router training batch")
-    parser.add_argument("--beta", type=float, default=1e-3, help="router training: cache-use coefficient")
-    parser.add_argument("--router", default="router_digits.pt", help="where the trained router is saved")
+    parser.add_argument("--beta", type=float, default=1e-3, help="router training: initial cache-use coefficient")
+    parser.add_argument("--lr", type=float, default=0.1, help="router training: Adam learning rate")
+    parser.add_argument("--router", default="router_digits", help="trained routers go to <this>_<target>x.pt")
     parser.add_argument("--compile-cost", action="store_true", help="measure Inductor compile time per plan")
     parser.add_argument("--max-compiles", type=int, default=4, help="compile-cost: plans timed per policy")
     args = parser.parse_args()

@@ -36,6 +36,10 @@ def test_every_token_recomputed_matches_plain_compile():
     for step, (a, b) in enumerate(zip(cached, plain)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=f"step {step}")
     assert backend.stats()["calls"] == {"full": 4, "partial": 6}
+    # No cache is ever read, so no step stores one: one compiled graph, the model's own computation.
+    graph = backend.graphs[0]
+    assert graph.n_compiled == 1
+    assert not [n for n in graph.variant_graph("full").graph.nodes if n.op == "call_function" and "toca" in str(n.target.__module__)]
 
 
 @pytest.mark.parametrize("name", list(MODELS))
@@ -177,3 +181,7 @@ def test_theoretical_flops_follow_the_skipped_work():
     # Partial: attention skipped, MLP on 4 of 16 tokens, everything outside the blocks unchanged.
     assert graph.label_flops("partial") == uncached - attn - mlp + mlp * 4 // 16
     assert backend.stats()["flops_ratio"] == pytest.approx((uncached + graph.label_flops("partial")) / (2 * uncached))
+    # Per branch: attention reused (no FLOPs on the partial step), the MLP at 4 of 16 tokens.
+    by_kind = {(b["kind"], b["branch"]): b["flops_ratio"] for b in backend.stats()["branches"]}
+    for (kind, _), ratio in by_kind.items():
+        assert ratio == pytest.approx((1 + (0 if kind == "self_attn" else 4 / 16)) / 2), kind

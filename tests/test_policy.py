@@ -7,7 +7,7 @@ import pytest
 
 from toca_fx import ToCaConfig
 from toca_fx.policies.schedules import PRESETS, ramp
-from toca_fx.policies.toca import BranchPlan, ToCaPolicy
+from toca_fx.policies.toca import BranchPlan, ToCaPolicy, drop_dead_fills, plan_key
 
 
 def _branches(kinds: list[str], tokens: int = 100) -> list[SimpleNamespace]:
@@ -59,6 +59,45 @@ def test_last_steps_forced_full():
     assert labels == ["full", *["partial"] * 3, "full", *["partial"] * 3, "full", "full"]
 
 
+def test_stretched_interval_is_long_early_and_short_late():
+    # w = 0.4 over 50 steps: gap round(4 / f), f from 0.6 to 1.4 (7 at first, 3 at the end), set at
+    # each full step.
+    full = sorted(ToCaPolicy(ToCaConfig(interval=4, interval_stretch=0.4)).full_steps(50))
+    gaps = [b - a for a, b in zip(full, full[1:])]
+    assert full[0] == 0 and gaps[0] == 7 and gaps[-1] == 3
+    assert gaps == sorted(gaps, reverse=True)
+    assert sorted(ToCaPolicy(ToCaConfig(interval=4)).full_steps(10)) == [0, 4, 8]
+
+
+def test_dense_steps_make_every_other_step_full():
+    policy = ToCaPolicy(ToCaConfig(interval=4, dense_steps=(0.5, 0.8)))
+    # The gap is set at each full step: 8 is at 0.4 (gap 4), 12 and 14 inside (gap 2), 16 at 0.8.
+    assert sorted(policy.full_steps(20)) == [0, 4, 8, 12, 14, 16]
+    assert [policy.label(s, 20) for s in (13, 14, 15)] == ["partial", "full", "partial"]
+
+
+def _generation(config: ToCaConfig, steps: int) -> list[dict[int, BranchPlan]]:
+    policy = ToCaPolicy(config)
+    return [policy.plans(s, steps, BLOCKS) for s in range(steps)]
+
+
+def test_fills_never_read_become_plain_computations():
+    # Every step full: nothing reads a cache, so no step stores one.
+    every = drop_dead_fills(_generation(ToCaConfig(ratio=1.0, self_attn="recompute"), 6))
+    assert all(p == BranchPlan("compute") for plans in every for p in plans.values())
+    # Full steps followed by partial ones keep their stores.
+    raw = _generation(ToCaConfig(interval=2), 6)
+    assert drop_dead_fills(raw) == raw
+
+
+def test_dropping_stores_never_adds_a_compiled_graph():
+    # The last two steps are full and read by nothing, but steps 0 and 4 with the same plans are read:
+    # converting only steps 8 and 9 would add a graph, so none is converted.
+    raw = _generation(ToCaConfig(interval=4, full_last=2), 10)
+    assert drop_dead_fills(raw) == raw
+    assert len({plan_key(p) for p in drop_dead_fills(raw)}) == len({plan_key(p) for p in raw})
+
+
 def test_ramp_ends():
     assert ramp((1.8, 0.2), 0, 28) == 1.8 and ramp((1.8, 0.2), 27, 28) == pytest.approx(0.2)
     assert ramp((1.8, 0.2), 0, 1) == 1.8
@@ -76,6 +115,7 @@ def test_dit_preset_is_tocas_published_setting():
     assert (config.interval, config.ratio, config.num_steps) == (4, 0.07, 250)
     assert dict(config.scores) == {"attention": 1.0, "staleness": 0.0625, "spatial": 0.6}
     assert (config.depth_factors, config.step_factors) == ((1.8, 0.2), (0.6, 1.4))
+    assert (config.interval_stretch, config.dense_steps) == (0.4, (0.6, 0.8))
     assert (ToCaConfig.preset("pixart").interval, ToCaConfig.preset("pixart").ratio) == (3, 0.10)
 
 
@@ -92,6 +132,9 @@ def test_dit_preset_is_tocas_published_setting():
         ("depth_factors", (1.0,)),
         ("step_factors", (1.0, "x")),
         ("full_last", -1),
+        ("interval_stretch", 1.0),
+        ("dense_steps", (0.8, 0.6)),
+        ("dense_steps", (0.0, 1.5)),
     ],
 )
 def test_bad_values_are_rejected_naming_the_field(field, value):

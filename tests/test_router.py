@@ -35,6 +35,16 @@ def test_lambdas_are_positive_and_reestimated_on_schedule(trained):
         assert lam[1:].mean().item() == pytest.approx(1.0)
 
 
+def test_target_reuse_adapts_beta_towards_the_target():
+    torch._dynamo.reset()
+    config = TrainConfig(num_steps=STEPS, iterations=8, batch=1, lr=0.5, beta=1e-6, target_reuse=0.5)
+    result = train(tiny_dit(), (4, 8, 8), config=config, progress=False)
+    # beta rises while the router reuses less than half, and the router ends up reusing some branches.
+    rising = [b2 > b1 for b1, b2, r in zip(result.betas, result.betas[1:], result.reused) if r < 0.5]
+    assert rising and all(rising)
+    assert result.reused[-1] > 0
+
+
 def test_saved_router_reloads_to_the_same_plans(tmp_path):
     router = Router(torch.rand(6, 4), threshold=0.5, branch_names=list("abcd"))
     router.save(tmp_path / "router.pt")
@@ -72,7 +82,7 @@ def test_router_rejects_a_generation_of_another_length():
         Router(torch.ones(3, 2)).plans(0, 5, [])
 
 
-@pytest.mark.parametrize("field, value", [("iterations", 0), ("beta", -1.0), ("threshold", 1.5), ("batch", 2.0)])
+@pytest.mark.parametrize("field, value", [("iterations", 0), ("beta", -1.0), ("threshold", 1.5), ("batch", 2.0), ("target_reuse", 1.0)])
 def test_train_config_is_validated(field, value):
     with pytest.raises(ValueError, match=rf"TrainConfig\.{field} must be"):
         TrainConfig(**{field: value})

@@ -20,8 +20,8 @@ from .analysis.residual import Analysis, find_branches
 from .config import ToCaConfig
 from .cudagraphs import CudaGraphed
 from .flops import graph_flops, shapes_of
-from .policies.toca import BranchPlan, ToCaPolicy
-from .rewrite.variants import buffer_specs, build_variant
+from .policies.toca import BranchPlan, ToCaPolicy, drop_dead_fills, plan_key
+from .rewrite.variants import buffer_specs, build_variant, tag_branch
 from .shapes import PerShape
 from .state import CacheState
 
@@ -72,7 +72,9 @@ class ToCaBackend:
             graph.state.clear_counters()
 
     def stats(self) -> dict[str, Any]:
-        """Calls, compiles, cache bytes, and per branch the fraction of token rows recomputed."""
+        """Calls, compiles, cache bytes, the theoretical FLOPs of the calls so far relative to running
+        them uncached, and per branch the fraction of token rows recomputed and its own FLOP ratio
+        (scoring and gathering included)."""
         branches = [row for i, g in enumerate(self.graphs) for row in g.branch_stats(i)]
         calls = sum((g.state.calls for g in self.graphs), start=Counter())
         return {
@@ -104,13 +106,15 @@ class CachedGraph:
         self.options = options
         self.policy = config.policy if config.policy is not None else ToCaPolicy(config)
         self.state = CacheState(buffer_specs(analysis, config), config.num_steps, config.calls_per_step)
-        self._steps: dict[tuple[int, int], tuple[str, tuple, dict]] = {}  # (step, num_steps) -> plan
+        self._generations: dict[int, list[tuple[str, tuple, dict]]] = {}  # num_steps -> each step's plan
         self._labels: dict[str, tuple] = {}  # label -> plan key, for variant_graph
         self._graphs: dict[tuple, fx.GraphModule] = {}
         self._fns: dict[tuple, Callable] = {}
-        self._flops: dict[Any, int] = {}
+        self._flops: dict[Any, Counter] = {}  # plan key or "uncached" -> FLOPs by branch index
         self._example: list[Any] | None = None
         self._pool = None
+        for branch in analysis.branches:
+            tag_branch(branch)
 
     def __call__(self, *args: Any) -> Any:
         label, key, rows = self._plan(self.state.step)
@@ -125,13 +129,17 @@ class CachedGraph:
     def variant_graph(self, label: str) -> fx.GraphModule:
         """The rewritten graph of the first step the policy labels `label` ("full", "partial"), uncompiled."""
         if label not in self._labels:
-            for step in range(self.state.num_steps):
-                self._plan(step)
+            self._plan(0)
         return self._graph(self._labels[label])
 
     @property
     def flops(self) -> dict[Any, int]:
         """Theoretical FLOPs of one call of each plan compiled so far (by plan key), and "uncached"."""
+        return {key: sum(by_branch.values()) for key, by_branch in self.flops_by_branch.items()}
+
+    @property
+    def flops_by_branch(self) -> dict[Any, Counter]:
+        """As `flops`, split by branch index (None: the graph outside every branch)."""
         if self._example is not None:
             n_args = len(self._example) - len(self.state.specs)
             self._flops.setdefault("uncached", graph_flops(self.gm, self._example[:n_args]))
@@ -145,6 +153,13 @@ class CachedGraph:
 
     def branch_stats(self, graph_index: int) -> list[dict[str, Any]]:
         rows, capacity = self.state.rows, self.state.row_capacity
+        flops = self.flops_by_branch
+        done: Counter = Counter()  # FLOPs per branch over the calls so far
+        for key, n in self.state.plan_calls.items():
+            for branch, f in flops.get(key, {}).items():
+                done[branch] += n * f
+        uncached = flops.get("uncached", Counter())
+        calls = sum(self.state.plan_calls.values())
         return [
             {
                 "graph": graph_index,
@@ -155,6 +170,7 @@ class CachedGraph:
                 "rows": rows[b.index],
                 "capacity": capacity[b.index],
                 "computed_fraction": _fraction(rows[b.index], capacity[b.index]),
+                "flops_ratio": _fraction(done[b.index], calls * uncached[b.index]),
             }
             for b in self.analysis.branches
         ]
@@ -165,15 +181,20 @@ class CachedGraph:
 
     def _plan(self, step: int) -> tuple[str, tuple, dict[int, tuple[int, int]]]:
         """The policy's plan for a step: its label, a hashable key, and rows computed per branch."""
-        memo = (step, self.state.num_steps)
-        if memo not in self._steps:
-            plans = self.policy.plans(step, self.state.num_steps, self.analysis.branches)
-            label = self.policy.label(step, self.state.num_steps)
-            key = tuple(sorted(plans.items()))
-            rows = {b.index: _rows(plans[b.index], b.tokens) for b in self.analysis.branches}
-            self._steps[memo] = (label, key, rows)
+        num_steps = self.state.num_steps
+        if num_steps not in self._generations:
+            self._generations[num_steps] = self._plan_generation(num_steps)
+        return self._generations[num_steps][step]
+
+    def _plan_generation(self, num_steps: int) -> list[tuple[str, tuple, dict[int, tuple[int, int]]]]:
+        branches = self.analysis.branches
+        generation = drop_dead_fills([self.policy.plans(s, num_steps, branches) for s in range(num_steps)])
+        steps = []
+        for step, plans in enumerate(generation):
+            label, key = self.policy.label(step, num_steps), plan_key(plans)
             self._labels.setdefault(label, key)
-        return self._steps[memo]
+            steps.append((label, key, {b.index: _rows(plans[b.index], b.tokens) for b in branches}))
+        return steps
 
     def _graph(self, key: tuple) -> fx.GraphModule:
         if key not in self._graphs:
@@ -201,7 +222,7 @@ class CachedGraph:
 
 
 def _rows(plan: BranchPlan, tokens: int) -> tuple[int, int]:
-    return {"fill": tokens, "rows": plan.k, "reuse": 0}[plan.mode], tokens
+    return {"fill": tokens, "compute": tokens, "rows": plan.k, "reuse": 0}[plan.mode], tokens
 
 
 def _flops_ratio(graphs: list[CachedGraph]) -> float:

@@ -17,6 +17,11 @@ class ToCaConfig:
 
     interval: a full step (every token of every branch recomputed) every `interval` calls; the first
         call of a generation is always full.
+    interval_stretch: ToCa's step weight w for the interval: each full step sets the distance to the
+        next one to round(interval / f), f linear from 1 - w (first step) to 1 + w (last), so full steps
+        are sparse early and dense late; 0 keeps the interval fixed. In [0, 1).
+    dense_steps: (start, end) fractions of a generation where full steps come every 2 calls (ToCa's DiT
+        code does this where the model is most sensitive to caching), or None.
     ratio: fraction of tokens recomputed by cached branches on the partial steps in between.
     num_steps: calls per generation; the cache resets after this many calls (or on `reset()`).
     self_attn: on partial steps, "reuse" (ToCa's default) adds the cached self-attention output
@@ -44,6 +49,8 @@ class ToCaConfig:
     """
 
     interval: int = 4
+    interval_stretch: float = 0.0
+    dense_steps: tuple[float, float] | None = None
     ratio: float = 0.3
     num_steps: int = 50
     self_attn: str = "reuse"
@@ -72,6 +79,17 @@ class ToCaConfig:
         object.__setattr__(self, "scores", _pairs(self.scores, "scores", SCORES))
         object.__setattr__(self, "kind_factors", _pairs(self.kind_factors, "kind_factors", BRANCH_KINDS))
         _check(_is_int(self.interval) and self.interval >= 1, "interval", "an int >= 1", self.interval)
+        _check(
+            _is_number(self.interval_stretch) and 0.0 <= self.interval_stretch < 1.0,
+            "interval_stretch", "a number in [0, 1)", self.interval_stretch,
+        )
+        _check(
+            self.dense_steps is None or (
+                isinstance(self.dense_steps, tuple) and len(self.dense_steps) == 2
+                and all(_is_number(v) for v in self.dense_steps) and 0.0 <= self.dense_steps[0] < self.dense_steps[1] <= 1.0
+            ),
+            "dense_steps", "None or a (start, end) pair with 0 <= start < end <= 1", self.dense_steps,
+        )
         _check(
             _is_number(self.ratio) and 0.0 < self.ratio <= 1.0, "ratio", "a number in (0, 1]", self.ratio
         )

@@ -1,10 +1,12 @@
 """Theoretical FLOPs of a graph, counted from its shapes (matmuls, convolutions, attention).
 
 The graph runs on FakeTensors under PyTorch's FlopCounterMode, so nothing is computed and no device
-time is spent; cache buffers are faked too, so counting never touches the real caches.
+time is spent; cache buffers are faked too, so counting never touches the real caches. Each node's
+FLOPs go to the branch that owns it (`BRANCH` in its meta: set by the rewrite), the rest to None.
 """
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any, NamedTuple
 
 import torch
@@ -26,16 +28,34 @@ def shapes_of(inputs: list[Any]) -> list[Any]:
     return [TensorShape(tuple(x.shape), x.stride(), x.dtype, x.device) if isinstance(x, torch.Tensor) else x for x in inputs]
 
 
-def graph_flops(gm: fx.GraphModule, inputs: list[Any]) -> int:
-    """FLOPs of one call of `gm` on inputs of the given shapes (`shapes_of`)."""
+BRANCH = "toca_branch"  # node meta key: index of the branch a node belongs to
+
+
+def graph_flops(gm: fx.GraphModule, inputs: list[Any]) -> Counter:
+    """FLOPs of one call of `gm` on inputs of the given shapes (`shapes_of`), by owning branch index
+    (None: outside every branch)."""
     with FakeTensorMode():
         fake = [
             torch.empty_strided(x.shape, x.stride, dtype=x.dtype, device=x.device) if isinstance(x, TensorShape) else x
             for x in inputs
         ]
         with FlopCounterMode(display=False, custom_mapping=_EXTRA) as counter:
-            gm(*fake)
-    return counter.get_total_flops()
+            counting = _ByBranch(gm, counter)
+            counting.run(*fake)
+    return counting.flops
+
+
+class _ByBranch(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule, counter: FlopCounterMode):
+        super().__init__(gm)
+        self.counter = counter
+        self.flops: Counter = Counter()
+
+    def run_node(self, n: fx.Node) -> Any:
+        before = self.counter.get_total_flops()
+        out = super().run_node(n)
+        self.flops[n.meta.get(BRANCH)] += self.counter.get_total_flops() - before
+        return out
 
 
 def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:

@@ -1,5 +1,6 @@
 """ToCa's schedule: a full step every `interval` calls (the first call of a generation included, and the
-last `full_last`), partial steps between. On a partial step self-attention is reused whole (or
+last `full_last`; the interval stretched early and shrunk late by `interval_stretch`, and 2 inside
+`dense_steps`), partial steps between. On a partial step self-attention is reused whole (or
 recomputed for the chosen queries, by config) and the other cached branches recompute
 ceil(r * N) tokens, r = ratio x kind, depth and step factors (`schedules`); r = 0 reuses the branch.
 """
@@ -18,7 +19,7 @@ FULL, PARTIAL = "full", "partial"
 @dataclass(frozen=True)
 class BranchPlan:
     """What one branch does in one variant: "fill" (compute all, fill the cache), "rows" (recompute
-    `k` tokens), "reuse" (skip, add the cache)."""
+    `k` tokens), "reuse" (skip, add the cache), "compute" (compute all, no cache: see `drop_dead_fills`)."""
 
     mode: str
     k: int = 0
@@ -30,10 +31,21 @@ class ToCaPolicy:
 
     def __init__(self, config: ToCaConfig):
         self.config = config
+        self._full: dict[int, frozenset[int]] = {}  # num_steps -> its full steps
 
     def label(self, step: int, num_steps: int) -> str:
         last = step >= num_steps - self.config.full_last
-        return FULL if step % self.config.interval == 0 or last else PARTIAL
+        return FULL if step in self.full_steps(num_steps) or last else PARTIAL
+
+    def full_steps(self, num_steps: int) -> frozenset[int]:
+        """The steps that are full by the interval schedule: each full step sets the gap to the next."""
+        if num_steps not in self._full:
+            steps, step = set(), 0
+            while step < num_steps:
+                steps.add(step)
+                step += self._gap(step, num_steps)
+            self._full[num_steps] = frozenset(steps)
+        return self._full[num_steps]
 
     def plans(self, step: int, num_steps: int, branches: list[Branch]) -> dict[int, BranchPlan]:
         variant = self.label(step, num_steps)
@@ -42,6 +54,13 @@ class ToCaPolicy:
         step_f = ramp(self.config.step_factors, step, num_steps)
         depth = depths(branches)
         return {b.index: self._plan(b, step_f * ramp(self.config.depth_factors, *depth[b.index])) for b in branches}
+
+    def _gap(self, step: int, num_steps: int) -> int:
+        dense = self.config.dense_steps
+        if dense is not None and dense[0] <= step / num_steps < dense[1]:
+            return 2
+        w = self.config.interval_stretch
+        return max(1, round(self.config.interval / ramp((1 - w, 1 + w), step, num_steps)))
 
     def _plan(self, branch: Branch, factor: float) -> BranchPlan:
         if branch.attends_tokens and self.config.self_attn == "reuse":
@@ -54,3 +73,28 @@ class ToCaPolicy:
         if k == branch.tokens:  # every token: the plain computation, no gather or scatter
             return BranchPlan("fill")
         return BranchPlan("rows", k)
+
+
+
+def drop_dead_fills(generation: list[dict[int, BranchPlan]]) -> list[dict[int, BranchPlan]]:
+    """The plans of a generation's steps, with each fill whose buffers are written again before anything
+    reads them made a plain computation ("compute": no cache stores, no score refresh): at ratio 1.0
+    the graph is the model's own. Steps with equal plans share one compiled graph, so a step changes
+    only where every step with its plans changes alike: dropping stores never adds a compilation."""
+    dropped = [_drop(plans, generation[(s + 1) % len(generation)]) for s, plans in enumerate(generation)]
+    outcomes: dict[tuple, set[tuple]] = {}
+    for plans, new in zip(generation, dropped):
+        outcomes.setdefault(plan_key(plans), set()).add(plan_key(new))
+    return [new if len(outcomes[plan_key(plans)]) == 1 else plans for plans, new in zip(generation, dropped)]
+
+
+def plan_key(plans: dict[int, BranchPlan]) -> tuple:
+    return tuple(sorted(plans.items()))
+
+
+def _drop(plans: dict[int, BranchPlan], next_plans: dict[int, BranchPlan]) -> dict[int, BranchPlan]:
+    """`next_plans`: the next call's (after the last step, the next generation's first). Rows plans read
+    token scores and other branches' attention maps, so a next step with any keeps every fill."""
+    if any(p.mode == "rows" for p in next_plans.values()):
+        return plans
+    return {i: BranchPlan("compute") if p.mode == "fill" and next_plans[i].mode == "fill" else p for i, p in plans.items()}

@@ -1,5 +1,5 @@
 """Variants of one captured graph: each is a copy of the graph in which every residual branch follows its
-`BranchPlan` ("fill", "rows" or "reuse"), with the cache buffers as extra trailing inputs.
+`BranchPlan` ("fill", "rows", "reuse" or "compute"), with the cache buffers as extra trailing inputs.
 
 Matches: the analysis of the captured graph (re-run on each copy, so node identities stay local).
 Produces: a `GraphModule` taking (*original inputs, *buffers), returning what the original returned.
@@ -15,6 +15,7 @@ import torch.fx as fx
 from ..analysis.residual import Analysis, Branch, find_branches
 from ..analysis.tokens import shape
 from ..config import ToCaConfig
+from ..flops import BRANCH
 from ..policies.toca import BranchPlan
 from ..scores import DEFAULT_WEIGHTS, refresh_scores, select_tokens
 from ..state import BufferSpec
@@ -56,15 +57,25 @@ def build_variant(gm: fx.GraphModule, plans: dict[int, BranchPlan], config: ToCa
     sources = readers(analysis)
     for branch in analysis.branches:
         score_args = _score_args(graph, branch, sources[branch.index], slots, config)
+        before = set(graph.nodes)
         _apply(graph, branch, plans[branch.index], slots[branch.index], score_args, config.attention_queries)
+        tag_branch(branch, [n for n in graph.nodes if n not in before])
     eliminate_dead_code(graph)
     return fx.GraphModule(gm, graph)
+
+
+def tag_branch(branch: Branch, extra: list[fx.Node] = ()) -> None:
+    """Mark the branch's nodes (and `extra`, the nodes its rewrite made) as its own, for FLOP counting."""
+    for node in [*branch.nodes, *extra]:
+        node.meta[BRANCH] = branch.index
 
 
 # ---------------------------------------------------------------------------------------------
 
 def _apply(graph: fx.Graph, branch: Branch, plan: BranchPlan, slots: Slots, score_args: tuple, queries: int) -> None:
     """`score_args`: (weights, attention map, entropy map, grid), the trailing arguments of select_tokens."""
+    if plan.mode == "compute":
+        return
     if plan.mode == "fill":
         fill_maps(graph, branch, slots.attention, slots.entropy, queries)
         with graph.inserting_after(branch.out):

@@ -9,10 +9,13 @@ output is its next input). Every step t contributes
 and its gradient goes to the logits of step t (the student's input is detached between steps). The
 gate is a straight-through estimator: forward with (sigmoid(logit) >= threshold), as inference runs,
 backward through the sigmoid. lambda(t) (`iepo.py`) is re-estimated every `lambda_every` iterations.
+With `target_reuse`, beta is adapted after each iteration (up when the router reuses less than the
+target, down when more), so one run trains a router for a chosen speedup.
 Only the model and Gaussian noise (and random class labels) are needed.
 """
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +33,9 @@ from .trajectory import Sampler
 class TrainConfig:
     """num_steps: DDIM steps of the generations the router serves. beta: the one coefficient trading
     the image-error proxy against cache use (larger reuses more). threshold: a gate at or above it
-    computes its branch. init_logit: the logits' start (sigmoid(2) = 0.88: everything computed)."""
+    computes its branch. init_logit: the logits' start (sigmoid(2) = 0.88: everything computed).
+    target_reuse: None, or the fraction of (step, branch) pairs after step 0 to reuse: beta then starts
+    at `beta` and adapts to reach it."""
 
     num_steps: int = 20
     iterations: int = 40
@@ -43,6 +48,7 @@ class TrainConfig:
     lambda_batch: int = 2
     cfg_scale: float = 1.5
     seed: int = 0
+    target_reuse: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("num_steps", "iterations", "batch", "lambda_every", "lambda_batch"):
@@ -55,6 +61,8 @@ class TrainConfig:
         _check(ok, "threshold", "a float in (0, 1)", self.threshold)
         _check(isinstance(self.init_logit, (int, float)), "init_logit", "a number", self.init_logit)
         _check(isinstance(self.seed, int), "seed", "an int", self.seed)
+        ok = self.target_reuse is None or (isinstance(self.target_reuse, (int, float)) and 0 < self.target_reuse < 1)
+        _check(ok, "target_reuse", "None or a number in (0, 1)", self.target_reuse)
 
 
 @dataclass
@@ -64,6 +72,7 @@ class TrainResult:
     reused: list[float] = field(default_factory=list)  # fraction of (step >= 1, branch) reused, per iteration
     lambda_iterations: list[int] = field(default_factory=list)  # iterations that re-estimated lambda
     lambdas: list[torch.Tensor] = field(default_factory=list)
+    betas: list[float] = field(default_factory=list)  # per iteration (constant without target_reuse)
 
 
 def train(model: Callable[..., torch.Tensor], shape: tuple[int, ...], *, config: TrainConfig | None = None,
@@ -88,17 +97,21 @@ def train(model: Callable[..., torch.Tensor], shape: tuple[int, ...], *, config:
     optimizer = torch.optim.Adam([logits], lr=config.lr)
     result = TrainResult(router=_router(logits, config, names))
     lam = torch.ones(config.num_steps)
+    beta = config.beta
     for it in range(config.iterations):
         if it % config.lambda_every == 0:
             lam = estimate_lambdas(student, sampler, result.router.computes(), *draw(config.lambda_batch))
             result.lambda_iterations.append(it)
             result.lambdas.append(lam)
         optimizer.zero_grad()
-        objective = _iteration(model, student, sampler, logits, lam.to(device), config, *draw(config.batch))
+        objective = _iteration(model, student, sampler, logits, lam.to(device), beta, config, *draw(config.batch))
         optimizer.step()
         result.router = _router(logits, config, names)
         result.objectives.append(objective)
         result.reused.append(1.0 - result.router.computes()[1:].float().mean().item())
+        result.betas.append(beta)
+        if config.target_reuse is not None:
+            beta *= math.exp(_BETA_RATE * (config.target_reuse - result.reused[-1]))
         if progress:
             _progress(it + 1, config.iterations, objective, result.reused[-1])
     if path is not None:
@@ -106,8 +119,11 @@ def train(model: Callable[..., torch.Tensor], shape: tuple[int, ...], *, config:
     return result
 
 
+_BETA_RATE = 2.0  # beta's adaptation: a factor e^(2 x reuse shortfall) per iteration
+
+
 def _iteration(model: Callable[..., torch.Tensor], student: Student, sampler: Sampler, logits: torch.Tensor,
-               lam: torch.Tensor, config: TrainConfig, noise: torch.Tensor, labels: torch.Tensor) -> float:
+               lam: torch.Tensor, beta: float, config: TrainConfig, noise: torch.Tensor, labels: torch.Tensor) -> float:
     """One SDT pass: teacher and student trajectories; accumulates the logits' gradient; the objective."""
     with torch.no_grad():
         teacher, x = [], noise
@@ -123,7 +139,7 @@ def _iteration(model: Callable[..., torch.Tensor], student: Student, sampler: Sa
         x = sampler.step(student, x.detach(), labels, coeffs)
         loss = lam[s] * (x - teacher[s]).pow(2).mean()
         if s > 0:
-            loss = loss + config.beta * soft.sum() / pairs
+            loss = loss + beta * soft.sum() / pairs
             (grad,) = torch.autograd.grad(loss, logits)
             logits.grad = grad if logits.grad is None else logits.grad + grad
         objective += loss.item()
