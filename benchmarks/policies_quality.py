@@ -7,8 +7,9 @@ The embedded digits DiT samples `--samples` images (labels 0..9 in turn) by DDIM
 the same noise for every policy, with the rewritten graphs run eagerly (inner="eager": no Inductor
 compile time). Speedup = 1 / backend.stats()["flops_ratio"]. Quality: digit-classifier accuracy,
 Frechet distance of classifier features to the real digits, PSNR against the uncached samples.
-HarmoniCa: one router per target speedup, trained (`--iterations`) with beta adapted to the reuse
-fraction that the target implies (`TrainConfig.target_reuse`), then thresholded at the gate level that
+HarmoniCa: one router per target speedup, started from FORA's schedule at the nearest interval (2 or
+3) and trained (`--iterations`) with beta adapted to the reuse fraction that the target implies
+(`TrainConfig.target_reuse`), then thresholded at the gate level that
 reaches the target exactly (`Router.with_threshold`). Routers are saved as `<--router>_<target>x.pt`.
 """
 from __future__ import annotations
@@ -111,7 +112,8 @@ def train_routers(model: torch.nn.Module, args: argparse.Namespace) -> dict[floa
     for target in TARGETS:
         start = time.time()
         config = TrainConfig(num_steps=args.steps, iterations=args.iterations, beta=args.beta, batch=args.batch,
-                             lr=args.lr, target_reuse=target_reuse(target, args.steps))
+                             lr=args.lr, target_reuse=target_reuse(target, args.steps),
+                             init_interval=max(2, round(target)))
         result = train(model, SHAPE, config=config, path=f"{args.router}_{target}x.pt")
         routers[target] = result.router
         print(f"router for {target}x: {result.router}, target reuse {config.target_reuse:.0%}, "
@@ -124,7 +126,10 @@ def quality_table(args: argparse.Namespace) -> None:
     model, classifier = load_digits_dit(args.device), load_digits_classifier(args.device)
     labels = torch.arange(args.samples, device=args.device) % 10
     start = time.time()
-    routers = train_routers(model, args)
+    if args.load_routers:
+        routers = {t: Router.load(f"{args.router}_{t}x.pt") for t in TARGETS}
+    else:
+        routers = train_routers(model, args)
     reference, _ = generate(model, None, labels, args.steps)
     unique = {name: (name, s, c) for name, s, c in policies(model, routers, args.steps)}
     rows = [("uncached", 1.0, None)] + sorted(unique.values(), key=lambda r: (r[1], r[0]))
@@ -175,6 +180,7 @@ def main() -> None:
     parser.add_argument("--beta", type=float, default=1e-3, help="router training: initial cache-use coefficient")
     parser.add_argument("--lr", type=float, default=0.1, help="router training: Adam learning rate")
     parser.add_argument("--router", default="router_digits", help="trained routers go to <this>_<target>x.pt")
+    parser.add_argument("--load-routers", action="store_true", help="evaluate the routers saved at --router")
     parser.add_argument("--compile-cost", action="store_true", help="measure Inductor compile time per plan")
     parser.add_argument("--max-compiles", type=int, default=4, help="compile-cost: plans timed per policy")
     args = parser.parse_args()

@@ -60,30 +60,37 @@ def _pixart_inputs(size: int, caption: int, text_tokens: int = 120):
     return make
 
 
-def _settings(steps: int, interval: int, ratio: float) -> list[tuple[str, ToCaConfig]]:
+def _settings(steps: int, preset: tuple[str, ToCaConfig]) -> list[tuple[str, ToCaConfig]]:
     return [
-        ("toca ratio 1.0 (all recomputed)", ToCaConfig(interval=interval, ratio=1.0, num_steps=steps, self_attn="recompute")),
-        (f"toca N={interval} r={ratio} (attn reused)", ToCaConfig(interval=interval, ratio=ratio, num_steps=steps)),
+        ("toca ratio 1.0 (all recomputed)", ToCaConfig(interval=4, ratio=1.0, num_steps=steps, self_attn="recompute")),
+        preset,
         ("toca N=4 r=0.3 (attn recomputed)", ToCaConfig(interval=4, ratio=0.3, num_steps=steps, self_attn="recompute")),
     ]
+
+
+# ToCa's DDIM-50 DiT schedule (its code: step factor 3.0 - 4.0 s/S, layer factor 0.8 + 0.4 l/(L-1)).
+DIT_PRESET = ("ToCa preset dit (DDIM-50 schedule)",
+              ToCaConfig.preset("dit", num_steps=50, step_factors=(-1.0, 3.0), depth_factors=(0.8, 1.2)))
+# The attention score's map from 64 sampled queries: all 4096 would cost a 4096 x 4096 map per head.
+PIXART_PRESET = ("ToCa preset pixart (64 sampled queries)", ToCaConfig.preset("pixart", num_steps=20, attention_queries=64))
 
 
 def cases(tiny: bool) -> dict[str, Case]:
     if tiny:
         small = dict(input_size=8, patch_size=2, hidden_size=64, depth=2, num_heads=4)
         return {
-            "dit": Case("tiny DiT", lambda: DiT(num_classes=10, **small), 2, 6, _dit_inputs(8, 10), _settings(6, 3, 0.25)),
-            "pixart": Case(
-                "tiny PixArt", lambda: PixArt(caption_channels=32, **small), 1, 6, _pixart_inputs(8, 32, 8), _settings(6, 3, 0.25)
-            ),
+            "dit": Case("tiny DiT", lambda: DiT(num_classes=10, **small), 2, 6, _dit_inputs(8, 10),
+                        _settings(6, ("ToCa preset dit", ToCaConfig.preset("dit", num_steps=6)))),
+            "pixart": Case("tiny PixArt", lambda: PixArt(caption_channels=32, **small), 1, 6, _pixart_inputs(8, 32, 8),
+                           _settings(6, ("ToCa preset pixart", ToCaConfig.preset("pixart", num_steps=6)))),
         }
     return {
-        "dit": Case("DiT-XL/2 256x256", lambda: DiT.xl_2(input_size=32), 8, 50, _dit_inputs(32, 1000), _settings(50, 4, 0.18)),
+        "dit": Case("DiT-XL/2 256x256", lambda: DiT.xl_2(input_size=32), 8, 50, _dit_inputs(32, 1000), _settings(50, DIT_PRESET)),
         "pixart1024": Case(
-            "PixArt-alpha 1024x1024", lambda: PixArt.alpha(input_size=128), 1, 20, _pixart_inputs(128, 4096), _settings(20, 3, 0.25)
+            "PixArt-alpha 1024x1024", lambda: PixArt.alpha(input_size=128), 1, 20, _pixart_inputs(128, 4096), _settings(20, PIXART_PRESET)
         ),
         "pixart2048": Case(
-            "PixArt-alpha 2048x2048", lambda: PixArt.alpha(input_size=256), 1, 20, _pixart_inputs(256, 4096), _settings(20, 3, 0.25)
+            "PixArt-alpha 2048x2048", lambda: PixArt.alpha(input_size=256), 1, 20, _pixart_inputs(256, 4096), _settings(20, PIXART_PRESET)
         ),
     }
 

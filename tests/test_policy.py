@@ -31,7 +31,7 @@ def test_ratio_by_kind_depth_and_step():
     config = ToCaConfig(
         interval=10, ratio=0.1, self_attn="recompute",
         kind_factors={"self_attn": 0.0, "cross_attn": 1.0, "mlp": 2.0},
-        depth_factors=(1.5, 0.5), step_factors=(1.0, 2.0),
+        depth_factors=(1.5, 0.5), step_factors=(1.0, 2.0), step_levels=0,
     )
     policy = ToCaPolicy(config)
     first = policy.plans(1, 11, BLOCKS)  # step factor 1.1
@@ -40,6 +40,18 @@ def test_ratio_by_kind_depth_and_step():
     assert [first[i].k for i in (2, 5, 8)] == [33, 22, 11]
     last = policy.plans(9, 11, BLOCKS)  # step factor 1.9
     assert last[2] == BranchPlan("rows", 57)  # 10% x 1.9 x 1.5 x 2
+
+
+def test_step_levels_bound_the_partial_graphs():
+    # Partial steps 1-10 of an 11-step 1.0 -> 2.0 ramp: 10 distinct plans exactly, 3 with 3 levels.
+    def partial_plans(levels):
+        policy = ToCaPolicy(ToCaConfig(interval=20, step_factors=(1.0, 2.0), step_levels=levels))
+        return {tuple(sorted(policy.plans(s, 11, BLOCKS).items())) for s in range(1, 11)}
+
+    assert len(partial_plans(0)) == 10 and len(partial_plans(3)) == 3
+    # Snapped to the nearest level: step 1 (factor 1.1) to 1.0, step 9 (1.9) to 2.0.
+    policy = ToCaPolicy(ToCaConfig(interval=20, ratio=0.1, step_factors=(1.0, 2.0), step_levels=3))
+    assert [policy.plans(s, 11, BLOCKS)[2].k for s in (1, 9)] == [10, 20]
 
 
 def test_negative_factor_reuses_the_branch():
@@ -132,6 +144,7 @@ def test_dit_preset_is_tocas_published_setting():
         ("depth_factors", (1.0,)),
         ("step_factors", (1.0, "x")),
         ("full_last", -1),
+        ("step_levels", -1),
         ("interval_stretch", 1.0),
         ("dense_steps", (0.8, 0.6)),
         ("dense_steps", (0.0, 1.5)),

@@ -39,10 +39,10 @@ def test_target_reuse_adapts_beta_towards_the_target():
     torch._dynamo.reset()
     config = TrainConfig(num_steps=STEPS, iterations=8, batch=1, lr=0.5, beta=1e-6, target_reuse=0.5)
     result = train(tiny_dit(), (4, 8, 8), config=config, progress=False)
-    # beta rises while the router reuses less than half, and the router ends up reusing some branches.
-    rising = [b2 > b1 for b1, b2, r in zip(result.betas, result.betas[1:], result.reused) if r < 0.5]
-    assert rising and all(rising)
-    assert result.reused[-1] > 0
+    # From FORA's schedule (2 of 3 partial steps reused): beta falls while the router reuses more than
+    # half, rises while it reuses less.
+    moves = [(b2 > b1) == (r < 0.5) for b1, b2, r in zip(result.betas, result.betas[1:], result.reused) if r != 0.5]
+    assert result.reused[0] > 0.5 and moves and all(moves)
 
 
 def test_saved_router_reloads_to_the_same_plans(tmp_path):

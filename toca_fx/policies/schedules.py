@@ -14,6 +14,16 @@ def ramp(ends: tuple[float, float], pos: int, count: int) -> float:
     return ends[0] if count <= 1 else ends[0] + (ends[1] - ends[0]) * pos / (count - 1)
 
 
+def snap(ends: tuple[float, float], value: float, levels: int) -> float:
+    """`value` moved to the nearest of `levels` evenly spaced points from ends[0] to ends[1] (0: as is)."""
+    if levels == 0 or ends[0] == ends[1]:
+        return value
+    if levels == 1:
+        return (ends[0] + ends[1]) / 2
+    step = (ends[1] - ends[0]) / (levels - 1)
+    return ends[0] + step * round((value - ends[0]) / step)
+
+
 def depths(branches: list[Branch]) -> dict[int, tuple[int, int]]:
     """Per branch index: (its position among the branches of its kind, how many there are)."""
     by_kind: dict[str, list[int]] = {}

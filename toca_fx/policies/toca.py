@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from ..analysis.residual import Branch
 from ..config import ToCaConfig
-from .schedules import depths, kind_of, ramp
+from .schedules import depths, kind_of, ramp, snap
 
 FULL, PARTIAL = "full", "partial"
 
@@ -51,7 +51,7 @@ class ToCaPolicy:
         variant = self.label(step, num_steps)
         if variant == FULL:
             return {b.index: BranchPlan("fill") for b in branches}
-        step_f = ramp(self.config.step_factors, step, num_steps)
+        step_f = snap(self.config.step_factors, ramp(self.config.step_factors, step, num_steps), self.config.step_levels)
         depth = depths(branches)
         return {b.index: self._plan(b, step_f * ramp(self.config.depth_factors, *depth[b.index])) for b in branches}
 

@@ -26,10 +26,17 @@ class Student:
         self.branches: list[Branch] = []
         self.gates: torch.Tensor | None = None
         self._cache: dict[int, torch.Tensor] = {}
+        self._mixed = 0  # branch outputs mixed in the current call: 0 means the graph did not run
         self._compiled = torch.compile(model, backend=self._backend, dynamic=False)
 
     def __call__(self, *args: Any) -> torch.Tensor:
-        return self._compiled(*args)
+        self._mixed = 0
+        out = self._compiled(*args)
+        if self.branches and not self._mixed:
+            raise RuntimeError(
+                "router training: the model ran without its caches (Dynamo ran it eagerly: recompile limit?)"
+            )
+        return out
 
     def reset(self) -> None:
         self._cache.clear()
@@ -43,6 +50,7 @@ class Student:
         return [b.name for b in self.branches]
 
     def mix(self, index: int, fresh: torch.Tensor) -> torch.Tensor:
+        self._mixed += 1
         cache = self._cache.get(index)
         if self.gates is None or cache is None:
             out = fresh

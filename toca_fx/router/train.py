@@ -7,8 +7,11 @@ output is its next input). Every step t contributes
     lambda(t) * mse(x_student_{t+1}, x_teacher_{t+1})  +  beta * mean_b sigmoid(logit[t, b]) / (T - 1)
 
 and its gradient goes to the logits of step t (the student's input is detached between steps). The
-gate is a straight-through estimator: forward with (sigmoid(logit) >= threshold), as inference runs,
-backward through the sigmoid. lambda(t) (`iepo.py`) is re-estimated every `lambda_every` iterations.
+gate is a straight-through estimator: forward with (sigmoid(logit) >= threshold), as inference runs
+(so a branch reused for several steps is as stale in training as in use), backward through the
+sigmoid. The router starts from FORA's schedule (`init_interval`): from "everything computed" the
+student equals the teacher, the squared error has zero gradient, and beta alone would move every gate
+down together. lambda(t) (`iepo.py`) is re-estimated every `lambda_every` iterations.
 With `target_reuse`, beta is adapted after each iteration (up when the router reuses less than the
 target, down when more), so one run trains a router for a chosen speedup.
 Only the model and Gaussian noise (and random class labels) are needed.
@@ -33,7 +36,10 @@ from .trajectory import Sampler
 class TrainConfig:
     """num_steps: DDIM steps of the generations the router serves. beta: the one coefficient trading
     the image-error proxy against cache use (larger reuses more). threshold: a gate at or above it
-    computes its branch. init_logit: the logits' start (sigmoid(2) = 0.88: everything computed).
+    computes its branch. init_interval, init_logit: the start is FORA's schedule, every branch computed
+    on steps that are multiples of `init_interval` (logit +init_logit) and reused on the others
+    (-init_logit); sigmoid(1) = 0.73 is close enough to the threshold for gates to cross it in a few
+    iterations at `lr`.
     target_reuse: None, or the fraction of (step, branch) pairs after step 0 to reuse: beta then starts
     at `beta` and adapts to reach it."""
 
@@ -43,7 +49,8 @@ class TrainConfig:
     lr: float = 0.1
     beta: float = 1e-3
     threshold: float = 0.5
-    init_logit: float = 2.0
+    init_interval: int = 2
+    init_logit: float = 1.0
     lambda_every: int = 5
     lambda_batch: int = 2
     cfg_scale: float = 1.5
@@ -51,7 +58,7 @@ class TrainConfig:
     target_reuse: float | None = None
 
     def __post_init__(self) -> None:
-        for name in ("num_steps", "iterations", "batch", "lambda_every", "lambda_batch"):
+        for name in ("num_steps", "iterations", "batch", "lambda_every", "lambda_batch", "init_interval"):
             value = getattr(self, name)
             _check(isinstance(value, int) and not isinstance(value, bool) and value >= 1, name, "an int >= 1", value)
         for name in ("lr", "beta", "cfg_scale"):
@@ -92,8 +99,21 @@ def train(model: Callable[..., torch.Tensor], shape: tuple[int, ...], *, config:
         return (torch.randn((n, *shape), generator=gen).to(device),
                 torch.randint(0, num_classes, (n,), generator=gen).to(device))
 
+    with torch._dynamo.config.patch(_RECOMPILE_LIMIT, 64):
+        return _train(model, student, sampler, config, draw, device, path, progress)
+
+
+# Each batch size and grad mode is a recompile of the student; Dynamo's fallback to eager after the
+# default 8 would drop the caches (Student raises then).
+_RECOMPILE_LIMIT = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+
+
+def _train(model: Callable[..., torch.Tensor], student: Student, sampler: Sampler, config: TrainConfig,
+           draw: Callable[[int], tuple[torch.Tensor, torch.Tensor]], device: torch.device,
+           path: str | Path | None, progress: bool) -> TrainResult:
     names = student.branch_names(*_example(*draw(1), sampler))
-    logits = torch.full((config.num_steps, len(names)), float(config.init_logit), device=device, requires_grad=True)
+    computed = torch.arange(config.num_steps, device=device) % config.init_interval == 0
+    logits = (config.init_logit * (2 * computed.float() - 1))[:, None].repeat(1, len(names)).requires_grad_()
     optimizer = torch.optim.Adam([logits], lr=config.lr)
     result = TrainResult(router=_router(logits, config, names))
     lam = torch.ones(config.num_steps)
@@ -111,7 +131,8 @@ def train(model: Callable[..., torch.Tensor], shape: tuple[int, ...], *, config:
         result.reused.append(1.0 - result.router.computes()[1:].float().mean().item())
         result.betas.append(beta)
         if config.target_reuse is not None:
-            beta *= math.exp(_BETA_RATE * (config.target_reuse - result.reused[-1]))
+            factor = math.exp(_BETA_RATE * (config.target_reuse - result.reused[-1]))
+            beta *= min(_BETA_STEP, max(1 / _BETA_STEP, factor))
         if progress:
             _progress(it + 1, config.iterations, objective, result.reused[-1])
     if path is not None:
@@ -119,7 +140,10 @@ def train(model: Callable[..., torch.Tensor], shape: tuple[int, ...], *, config:
     return result
 
 
-_BETA_RATE = 2.0  # beta's adaptation: a factor e^(2 x reuse shortfall) per iteration
+# beta's adaptation: a factor e^(reuse shortfall) per iteration, at most 1.5 either way. Adam
+# moves every logit about `lr` per iteration whatever its gradient's size, so beta must move slowly
+# for the gates to cross the threshold in order of their effect on the error, not all at once.
+_BETA_RATE, _BETA_STEP = 1.0, 1.5
 
 
 def _iteration(model: Callable[..., torch.Tensor], student: Student, sampler: Sampler, logits: torch.Tensor,
