@@ -46,7 +46,7 @@ def test_step_levels_bound_the_partial_graphs():
     # Partial steps 1-10 of an 11-step 1.0 -> 2.0 ramp: 10 distinct plans exactly, 3 with 3 levels.
     def partial_plans(levels):
         policy = ToCaPolicy(ToCaConfig(interval=20, step_factors=(1.0, 2.0), step_levels=levels))
-        return {tuple(sorted(policy.plans(s, 11, BLOCKS).items())) for s in range(1, 11)}
+        return {plan_key(policy.plans(s, 11, BLOCKS)) for s in range(1, 11)}
 
     assert len(partial_plans(0)) == 10 and len(partial_plans(3)) == 3
     # Snapped to the nearest level: step 1 (factor 1.1) to 1.0, step 9 (1.9) to 2.0.

@@ -75,7 +75,6 @@ class ToCaPolicy:
         return BranchPlan("rows", k)
 
 
-
 def drop_dead_fills(generation: list[dict[int, BranchPlan]]) -> list[dict[int, BranchPlan]]:
     """The plans of a generation's steps, with each fill whose buffers are written again before anything
     reads them made a plain computation ("compute": no cache stores, no score refresh): at ratio 1.0

@@ -82,6 +82,12 @@ class TrainResult:
     betas: list[float] = field(default_factory=list)  # per iteration (constant without target_reuse)
 
 
+# Each batch size and grad mode is a recompile of the student; Dynamo's fallback to eager after the
+# default 8 would drop the caches (Student raises then).
+_RECOMPILE_LIMIT = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+
+
+@torch._dynamo.config.patch(_RECOMPILE_LIMIT, 64)
 def train(model: Callable[..., torch.Tensor], shape: tuple[int, ...], *, config: TrainConfig | None = None,
           num_classes: int | None = None, path: str | Path | None = None, progress: bool = True) -> TrainResult:
     """Train a router for `model(x, t, y) -> eps` on samples of `shape` (C, H, W); class labels are drawn
@@ -99,18 +105,6 @@ def train(model: Callable[..., torch.Tensor], shape: tuple[int, ...], *, config:
         return (torch.randn((n, *shape), generator=gen).to(device),
                 torch.randint(0, num_classes, (n,), generator=gen).to(device))
 
-    with torch._dynamo.config.patch(_RECOMPILE_LIMIT, 64):
-        return _train(model, student, sampler, config, draw, device, path, progress)
-
-
-# Each batch size and grad mode is a recompile of the student; Dynamo's fallback to eager after the
-# default 8 would drop the caches (Student raises then).
-_RECOMPILE_LIMIT = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
-
-
-def _train(model: Callable[..., torch.Tensor], student: Student, sampler: Sampler, config: TrainConfig,
-           draw: Callable[[int], tuple[torch.Tensor, torch.Tensor]], device: torch.device,
-           path: str | Path | None, progress: bool) -> TrainResult:
     names = student.branch_names(*_example(*draw(1), sampler))
     computed = torch.arange(config.num_steps, device=device) % config.init_interval == 0
     logits = (config.init_logit * (2 * computed.float() - 1))[:, None].repeat(1, len(names)).requires_grad_()
