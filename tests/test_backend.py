@@ -40,6 +40,25 @@ def test_every_token_recomputed_matches_plain_compile():
     graph = backend.graphs[0]
     assert graph.n_compiled == 1
     assert not [n for n in graph.variant_graph("full").graph.nodes if n.op == "call_function" and "toca" in str(n.target.__module__)]
+    assert backend.stats()["cache_bytes"] == 0  # and no cache buffer is allocated
+
+
+def test_only_the_caches_some_step_uses_are_allocated():
+    model = tiny_dit()
+    backend = ToCaBackend(ToCaConfig(interval=2, ratio=0.5, num_steps=4, inner="eager"))  # attention reused
+    _run(model, backend, step_inputs(model, 4))
+    state = backend.graphs[0].state
+    allocated = {s.name for s, b in zip(state.specs, state.stream_buffers[0]) if b.numel()}
+    assert allocated == {s.name for s in state.specs}
+    assert backend.stats()["cache_bytes"] == sum(s.nbytes for s in state.specs)
+    # Whole-MLP reuse, attention recomputed in full: the attention branches' buffers are never touched.
+    backend = ToCaBackend(ToCaConfig(interval=2, ratio=1.0, num_steps=4, inner="eager", self_attn="recompute",
+                                     kind_factors={"mlp": 0.0}))
+    _run(model, backend, step_inputs(model, 4))
+    state = backend.graphs[0].state
+    allocated = {s.name for s, b in zip(state.specs, state.stream_buffers[0]) if b.numel()}
+    mlp = {s.name for s in state.specs if any(s.name.startswith(f"b{b.index}_") for b in backend.graphs[0].analysis.branches if b.kind == "mlp")}
+    assert any(n.endswith("_cache") for n in mlp) and allocated == mlp
 
 
 @pytest.mark.parametrize("name", list(MODELS))
@@ -185,3 +204,16 @@ def test_theoretical_flops_follow_the_skipped_work():
     by_kind = {(b["kind"], b["branch"]): b["flops_ratio"] for b in backend.stats()["branches"]}
     for (kind, _), ratio in by_kind.items():
         assert ratio == pytest.approx((1 + (0 if kind == "self_attn" else 4 / 16)) / 2), kind
+
+
+def test_graphs_with_reused_branches_compile_with_capped_fusion(monkeypatch):
+    import toca_fx.backend as backend_module
+
+    seen = []
+    real = backend_module._compile
+    monkeypatch.setattr(backend_module, "_compile", lambda gm, inputs, inner, options: seen.append(options) or real(gm, inputs, inner, options))
+    model = tiny_dit()
+    backend = ToCaBackend(ToCaConfig(interval=2, ratio=0.5, num_steps=4, inner="eager"))  # attention reused
+    _run(model, backend, step_inputs(model, 4))
+    caps = [o["options"].get("max_fusion_size") for o in seen]
+    assert sorted(caps, key=str) == [16, None]  # the partial step's graph only; the full step keeps the default

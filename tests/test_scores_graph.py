@@ -64,3 +64,29 @@ def test_inductor_compiles_the_combined_score_like_eager():
     assert stats["calls"] == {"full": 3, "partial": 2}
     mlp = [b for b in stats["branches"] if b["kind"] == "mlp"]
     assert mlp[0]["computed_fraction"] == pytest.approx((3 * 16 + 2 * 10) / (5 * 16))  # ceil(0.6 x 16)
+
+
+def test_scores_from_state_alone_keep_no_reference_norm_and_do_not_read_the_stream():
+    backend, _ = _run(tiny_pixart("manual"), ToCaConfig(interval=4, num_steps=4, inner="eager", scores=TOCA))
+    graph = backend.graphs[0]
+    assert not [s for s in graph.state.specs if s.name.endswith("_ref")]
+    # The same scores and the "change" score: each scored branch keeps its reference norms.
+    with_change = ToCaConfig(interval=4, num_steps=4, inner="eager", scores={**TOCA, "change": 1.0})
+    refs = [s for s in _run(tiny_pixart("manual"), with_change)[0].graphs[0].state.specs if s.name.endswith("_ref")]
+    assert len(refs) == len([s for s in graph.state.specs if s.name.endswith("_stale")]) > 0
+    stale = torch.zeros(16)
+    idx = select_tokens(torch.full((2, 16, 8), float("nan")), stale, None, 4, (("staleness", 1.0),))
+    assert idx.numel() == 4 and torch.isfinite(stale).all()  # a NaN stream is never read
+
+
+def test_attention_map_in_half_precision_ranks_like_float32():
+    from toca_fx.scores import attention_influence
+
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 4, 64, 16, generator=g), torch.randn(2, 4, 64, 16, generator=g)
+    exact, half = torch.zeros(64), torch.zeros(64)
+    attention_influence(q, k, exact, 0, 0)
+    attention_influence(q.bfloat16(), k.bfloat16(), half, 0, 0)
+    assert half.dtype == torch.float32
+    assert torch.nn.functional.cosine_similarity(exact, half, dim=0) > 0.999
+    assert len(set(exact.topk(16).indices.tolist()) & set(half.topk(16).indices.tolist())) >= 14

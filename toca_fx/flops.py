@@ -28,6 +28,15 @@ def shapes_of(inputs: list[Any]) -> list[Any]:
     return [TensorShape(tuple(x.shape), x.stride(), x.dtype, x.device) if isinstance(x, torch.Tensor) else x for x in inputs]
 
 
+def spec_shape(spec: Any) -> TensorShape:
+    """A contiguous `TensorShape` for a `BufferSpec`."""
+    strides, size = [], 1
+    for dim in reversed(spec.shape):
+        strides.insert(0, size)
+        size *= dim
+    return TensorShape(tuple(spec.shape), tuple(strides), spec.dtype, spec.device)
+
+
 BRANCH = "toca_branch"  # node meta key: index of the branch a node belongs to
 
 

@@ -1,6 +1,7 @@
 """`CacheState`: the side state of one compiled graph, kept apart from the graphs that use it.
 
-It holds the cache buffers (passed to every variant as extra inputs and updated in place by them),
+It holds the cache buffers (passed to every variant as extra inputs and updated in place by them;
+each allocated when a variant that reads or writes it first runs, so caches no step uses cost nothing),
 the step counter that picks the variant, and the counters behind `stats()`. A pipeline that calls the
 model more than once per step (conditional, then unconditional guidance) has one set of buffers and
 one step counter per call stream; calls take turns, so the streams' caches never mix.
@@ -34,7 +35,8 @@ class CacheState:
     def __init__(self, specs: list[BufferSpec], num_steps: int, streams: int = 1):
         self.specs = specs
         self.num_steps = num_steps
-        self.stream_buffers: list[list[torch.Tensor] | None] = [None] * streams
+        self.stream_buffers: list[list[torch.Tensor]] = [[_stand_in(s) for s in specs] for _ in range(streams)]
+        self._allocated: list[set[int]] = [set() for _ in range(streams)]
         self.steps = [0] * streams
         self.turn = 0  # the call stream of the next call
         self.calls: Counter[str] = Counter()  # policy label ("full", "partial", ...) -> calls
@@ -47,11 +49,16 @@ class CacheState:
         """The step of the next call, within its stream's generation."""
         return self.steps[self.turn]
 
-    def ensure_buffers(self) -> list[torch.Tensor]:
-        """The next call's buffers, allocated on first use with the graph's devices and dtypes."""
-        if self.stream_buffers[self.turn] is None:
-            self.stream_buffers[self.turn] = [torch.zeros(s.shape, dtype=s.dtype, device=s.device) for s in self.specs]
-        return self.stream_buffers[self.turn]
+    def buffers(self, used: frozenset[int] | None = None) -> list[torch.Tensor]:
+        """The next call's buffers, one per spec: those at the indices `used` (default: all) allocated
+        (zeros) on first use; the others stay empty stand-ins, which the call's graph must not read."""
+        buffers, allocated = self.stream_buffers[self.turn], self._allocated[self.turn]
+        for i in (range(len(self.specs)) if used is None else used):
+            if i not in allocated:
+                s = self.specs[i]
+                buffers[i] = torch.zeros(s.shape, dtype=s.dtype, device=s.device)
+                allocated.add(i)
+        return buffers
 
     def record(self, label: str, rows: dict[int, tuple[int, int]], key: tuple = ()) -> None:
         """Count one call: its label and plan and, per branch, (rows computed, rows in total)."""
@@ -79,4 +86,9 @@ class CacheState:
 
     @property
     def nbytes(self) -> int:
-        return len(self.steps) * sum(s.nbytes for s in self.specs)
+        """Bytes of the buffers allocated so far, over all call streams."""
+        return sum(self.specs[i].nbytes for allocated in self._allocated for i in allocated)
+
+
+def _stand_in(spec: BufferSpec) -> torch.Tensor:
+    return torch.empty(0, dtype=spec.dtype, device=spec.device)

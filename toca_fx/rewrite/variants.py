@@ -81,7 +81,8 @@ def _apply(graph: fx.Graph, branch: Branch, plan: BranchPlan, slots: Slots, scor
         with graph.inserting_after(branch.out):
             graph.call_function(store, (slots.cache, branch.out))
             if slots.staleness is not None:
-                graph.call_function(refresh_scores, (branch.stream, slots.staleness, slots.ref_norm))
+                args = (branch.stream, slots.staleness) + ((slots.ref_norm,) if slots.ref_norm is not None else ())
+                graph.call_function(refresh_scores, args)
             for node, slot in slots.kv.items():
                 graph.call_function(store, (slot, node))
         return
@@ -137,7 +138,7 @@ def _layout(branch: Branch, config: ToCaConfig) -> list[tuple[str, fx.Node | Non
     weights = dict(config.scores)
     names = [("cache", branch.out)]
     if _scored(branch, config):
-        names += [("stale", None), ("ref", None)]
+        names += [("stale", None), ("ref", None)] if weights.get("change") else [("stale", None)]
     if weights.get("attention") and influence_source(branch) is not None:
         names.append(("attn", None))
     if weights.get("cross_entropy") and entropy_source(branch) is not None:

@@ -1,0 +1,150 @@
+"""Where a cached generation's time goes: per plan, and per kernel.
+
+    python benchmarks/profile_steps.py --model dit --setting preset      # on the GPU machine
+
+Builds one model of `benchmarks/run.py` at one of its settings, compiles it (CUDA graphs on unless
+`--no-cudagraphs`), runs a warm-up generation, then:
+- times every step of a generation with CUDA events and groups the steps by plan (full step, each
+  partial plan): calls, median ms, theoretical GFLOPs of one call, and the ms that call would take at
+  the full step's FLOP rate, so the plans that fall short of their theoretical time stand out;
+- profiles one more generation (torch.profiler, CUDA activity) and lists the kernels by total time.
+Markdown to stdout, JSON to `--out`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from run import cases, generate  # run.py beside this file
+from toca_fx import ToCaBackend
+
+SETTINGS = {"ratio1": 0, "preset": 1, "n4r03": 2}  # positions in run.py's settings of each model
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="dit", choices=["dit", "pixart1024", "pixart2048"])
+    parser.add_argument("--tiny", action="store_true", help="a tiny DiT on the CPU: a smoke run of this script")
+    parser.add_argument("--setting", default="preset", choices=list(SETTINGS))
+    parser.add_argument("--no-cudagraphs", action="store_true")
+    parser.add_argument("--kernels", type=int, default=25, help="kernels listed")
+    parser.add_argument("--out", type=Path, default=Path("benchmark-results"))
+    args = parser.parse_args()
+    case = cases(tiny=True)["dit"] if args.tiny else cases(tiny=False)[args.model]
+    config = case.settings[SETTINGS[args.setting]][1]
+    device = torch.device("cpu" if args.tiny else "cuda")
+    dtype = torch.float32 if args.tiny else torch.bfloat16
+    torch.manual_seed(0)
+    with device:
+        model = case.build().to(device=device, dtype=dtype).eval()  # buffers made from numpy start on the CPU
+    x0, args_of = case.inputs(case.batch, device)
+    x0 = x0.to(dtype)
+    cast = lambda x, t: tuple(a.to(dtype) if a.is_floating_point() and a.dim() > 1 else a for a in args_of(x, t))  # noqa: E731
+    backend = ToCaBackend(config)
+    graphed = not (args.no_cudagraphs or args.tiny)
+    fn = torch.compile(model, backend=backend, dynamic=False, mode="reduce-overhead" if graphed else None)
+    with torch.no_grad():
+        generate(fn, x0, cast, case.steps)  # compiles every plan
+        generate(fn, x0, cast, case.steps)  # CUDA graphs: the second call of a plan captures it
+        plans = per_plan(backend, fn, x0, cast, case.steps)
+        kernels = kernel_table(fn, x0, cast, case.steps, args.kernels)
+    where = "CPU" if args.tiny else torch.cuda.get_device_name()
+    title = f"{case.name}, {args.setting}, {'' if graphed else 'no '}CUDA graphs, {where}, torch {torch.__version__}"
+    print(f"## {title}\n\n{plans_markdown(plans)}\n\n{kernels_markdown(kernels)}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"profile-{args.model}-{args.setting}.json").write_text(json.dumps({"title": title, "plans": plans, "kernels": kernels}, indent=1))
+
+
+def per_plan(backend: ToCaBackend, fn, x0, args_of, steps: int) -> list[dict]:
+    """One generation, each step timed alone; grouped by the plan each step ran."""
+    graph = backend.graphs[0]
+    times: dict[tuple, list[float]] = defaultdict(list)
+    labels: dict[tuple, str] = {}
+    x = x0
+    for i in range(steps):
+        label, key, _ = graph._plan(graph.state.step)
+        t = torch.full((2 * x.shape[0],), 999.0 * (1 - i / steps), device=x.device)
+        times[key].append(_elapsed_ms(lambda: fn(*args_of(torch.cat([x, x]), t)), x.is_cuda))
+        out = _elapsed_ms.last
+        labels[key] = label
+        x = x - 0.01 * out[:, : x.shape[1]].chunk(2)[0]
+    flops = graph.flops
+    full_key = next(k for k, lab in labels.items() if lab == "full")
+    rate = flops[full_key] / statistics.median(times[full_key])  # FLOPs per ms of the full step
+    rows = []
+    for key, ms in sorted(times.items(), key=lambda kv: -flops[kv[0]]):
+        modes = defaultdict(int)
+        for _, plan in key:
+            modes[plan.mode] += 1
+        rows_k = sum(plan.k for _, plan in key)
+        plan = ", ".join(f"{n} {m}" for m, n in sorted(modes.items())) + (f" ({rows_k} rows)" if rows_k else "")
+        rows.append({
+            "label": labels[key], "plan": plan, "calls": len(ms),
+            "ms": statistics.median(ms), "gflops": flops[key] / 1e9, "ms_at_full_rate": flops[key] / rate,
+        })
+    return rows
+
+
+def _elapsed_ms(work, cuda: bool) -> float:
+    """Milliseconds of `work()` (CUDA events on the GPU); its result is kept in `_elapsed_ms.last`."""
+    if not cuda:
+        start = time.perf_counter()
+        _elapsed_ms.last = work()
+        return (time.perf_counter() - start) * 1e3
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    begin.record()
+    _elapsed_ms.last = work()
+    end.record()
+    end.synchronize()
+    return begin.elapsed_time(end)
+
+
+def kernel_table(fn, x0, args_of, steps: int, top: int) -> list[dict]:
+    """Kernels (CPU ops on the CPU) of one generation, by total time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = x0.is_cuda
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        generate(fn, x0, args_of, steps)
+        if cuda:
+            torch.cuda.synchronize()
+    kind = torch.autograd.DeviceType.CUDA if cuda else torch.autograd.DeviceType.CPU
+    totals: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    for event in prof.events():
+        if event.device_type == kind and (cuda or not event.cpu_children):  # CPU: leaf ops only
+            totals[event.name][0] += event.device_time_total if cuda else event.self_cpu_time_total
+            totals[event.name][1] += 1
+    whole = sum(t for t, _ in totals.values())
+    ranked = sorted(totals.items(), key=lambda kv: -kv[1][0])
+    return [{"kernel": name[:90], "ms": us / 1e3, "share": us / whole, "calls": n} for name, (us, n) in ranked[:top]] + [
+        {"kernel": "(all kernels)", "ms": whole / 1e3, "share": 1.0, "calls": sum(n for _, n in totals.values())}
+    ]
+
+
+def plans_markdown(rows: list[dict]) -> str:
+    lines = ["| step | plan (branches per mode) | calls | ms (median) | GFLOPs | ms at the full step's rate | ratio |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['label']} | {r['plan']} | {r['calls']} | {r['ms']:.2f} | {r['gflops']:.0f} | "
+                     f"{r['ms_at_full_rate']:.2f} | {r['ms'] / max(r['ms_at_full_rate'], 1e-9):.2f} |")
+    total = sum(r["ms"] * r["calls"] for r in rows)
+    ideal = sum(r["ms_at_full_rate"] * r["calls"] for r in rows)
+    lines.append(f"\nGeneration: {total:.1f} ms timed step by step, {ideal:.1f} ms at the full step's rate "
+                 f"(efficiency {ideal / total:.2f}).")
+    return "\n".join(lines)
+
+
+def kernels_markdown(rows: list[dict]) -> str:
+    lines = ["| kernel | total ms | share | launches |", "|---|---|---|---|"]
+    lines += [f"| `{r['kernel']}` | {r['ms']:.1f} | {r['share']:.1%} | {r['calls']} |" for r in rows]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
