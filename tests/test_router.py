@@ -1,6 +1,7 @@
 """Learned caching: router training (SDT + IEPO) on a tiny DiT, and the router as a backend policy."""
 from __future__ import annotations
 
+import importlib
 from types import SimpleNamespace
 
 import pytest
@@ -9,6 +10,7 @@ import torch
 from toca_fx import Router, ToCaBackend, ToCaConfig
 from toca_fx.router import TrainConfig, train
 from toca_fx.router.student import Student
+from toca_fx.router.train import _budget_router
 
 from .helpers import step_inputs, tiny_dit
 
@@ -35,14 +37,34 @@ def test_lambdas_are_positive_and_reestimated_on_schedule(trained):
         assert lam[1:].mean().item() == pytest.approx(1.0)
 
 
-def test_target_reuse_adapts_beta_towards_the_target():
-    torch._dynamo.reset()
-    config = TrainConfig(num_steps=STEPS, iterations=8, batch=1, lr=0.5, beta=1e-6, target_reuse=0.5)
+def test_target_reuse_is_the_budget_of_every_forward_and_of_the_router(monkeypatch):
+    hard = []
+
+    class Recording(Student):  # keeps each training step's gates (IEPO's, per sample, are 2-D)
+        def __setattr__(self, name, value):
+            if name == "gates" and value is not None and value.dim() == 1:
+                hard.append(value.detach().round())
+            super().__setattr__(name, value)
+
+    module = importlib.import_module("toca_fx.router.train")  # `toca_fx.router.train` is also the function
+    monkeypatch.setattr(module, "Student", Recording)
+    config = TrainConfig(num_steps=STEPS, iterations=3, batch=1, lr=0.5, target_reuse=0.5)
     result = train(tiny_dit(), (4, 8, 8), config=config, progress=False)
-    # From FORA's schedule (2 of 3 partial steps reused): beta falls while the router reuses more than
-    # half, rises while it reuses less.
-    moves = [(b2 > b1) == (r < 0.5) for b1, b2, r in zip(result.betas, result.betas[1:], result.reused) if r != 0.5]
-    assert result.reused[0] > 0.5 and moves and all(moves)
+    # 3 partial steps x 4 branches: exactly 6 pairs reused; FORA's start (interval 2) alone reuses 8.
+    assert result.reused == [0.5] * 3
+    assert int((~result.router.computes()[1:]).sum()) == 6
+    computed = torch.stack(hard).view(3, STEPS - 1, 4).sum(dim=(1, 2))
+    assert computed.tolist() == [6.0] * 3
+
+
+def test_budget_router_splits_tied_gates_in_order(tmp_path):
+    gates = torch.tensor([[0.1, 0.1], [0.7, 0.5], [0.5, 0.5], [0.2, 0.7]])
+    router = _budget_router(gates, 3, ["a", "b"])
+    # Steps >= 1: the two 0.7s, then the first of the three tied 0.5s.
+    expected = torch.tensor([[True, True], [True, True], [False, False], [False, True]])
+    assert torch.equal(router.computes(), expected)
+    router.save(tmp_path / "router.pt")
+    assert torch.equal(Router.load(tmp_path / "router.pt").computes(), expected)
 
 
 def test_saved_router_reloads_to_the_same_plans(tmp_path):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any, Mapping
 
 from .scores import DEFAULT_WEIGHTS, SCORES
@@ -125,9 +126,13 @@ class ToCaConfig:
         )
 
 
-def _check(ok: bool, field: str, allowed: str, value: object) -> None:
+def check_field(owner: str, ok: bool, field: str, allowed: str, value: object) -> None:
+    """Raise the ValueError every config class raises: which field, what it allows, what it got."""
     if not ok:
-        raise ValueError(f"ToCaConfig.{field} must be {allowed}, got {value!r}")
+        raise ValueError(f"{owner}.{field} must be {allowed}, got {value!r}")
+
+
+_check = partial(check_field, "ToCaConfig")
 
 
 def _pairs(value: Any, field: str, names: tuple[str, ...]) -> tuple[tuple[str, float], ...]:
