@@ -213,7 +213,9 @@ def test_graphs_with_reused_branches_compile_with_capped_fusion(monkeypatch):
     real = backend_module._compile
     monkeypatch.setattr(backend_module, "_compile", lambda gm, inputs, inner, options: seen.append(options) or real(gm, inputs, inner, options))
     model = tiny_dit()
-    backend = ToCaBackend(ToCaConfig(interval=2, ratio=0.5, num_steps=4, inner="eager"))  # attention reused
-    _run(model, backend, step_inputs(model, 4))
+    fora = ToCaBackend(ToCaConfig(policy=toca_fx.FORAPolicy(2), num_steps=4, inner="eager"))  # whole-branch reuse
+    _run(model, fora, step_inputs(model, 4))
+    toca = ToCaBackend(ToCaConfig(interval=2, ratio=0.5, num_steps=4, inner="eager"))  # attention reused, MLP rows
+    _run(model, toca, step_inputs(model, 4))
     caps = [o["options"].get("max_fusion_size") for o in seen]
-    assert sorted(caps, key=str) == [16, None]  # the partial step's graph only; the full step keeps the default
+    assert caps == [None, 16, None, None]  # FORA's reuse step only; full steps and rows steps keep the default

@@ -212,8 +212,9 @@ class CachedGraph:
         if self._example is None:  # shapes only, for counting FLOPs on demand (buffers as allocated)
             n_args = len(inputs) - len(self.state.specs)
             self._example = shapes_of(inputs[:n_args]) + [spec_shape(s) for s in self.state.specs]
-        reuses = any(plan.mode == "reuse" for _, plan in key)
-        self._fns[key] = self._compile_graph(self._graph(key), inputs, _REUSE_PATCHES if reuses else {})
+        modes = {plan.mode for _, plan in key}
+        chains = "reuse" in modes and "rows" not in modes  # rows plans read the stream at every block
+        self._fns[key] = self._compile_graph(self._graph(key), inputs, _REUSE_PATCHES if chains else {})
         return self._fns[key]
 
     def _compile_graph(self, gm: fx.GraphModule, inputs: list[Any], patches: dict) -> Callable:
@@ -231,10 +232,11 @@ class CachedGraph:
         return CudaGraphed(fn, static, self._pool)
 
 
-# With branches reused, nothing reads the residual stream between their adds, and Inductor fuses the
-# whole chain into the next reduction (DiT: 56 adds into the final layer norm, whose loop reads the
-# patch embedding transposed): 6.1 ms for an all-reuse step of DiT-XL/2 on the H100, 1.2 ms with fused
-# groups capped at 16 nodes. Full steps keep Inductor's default (a cap of 8 slowed them by 5%).
+# With branches reused and none choosing rows, nothing reads the residual stream between the reused
+# adds, and Inductor fuses the whole chain into the next reduction (DiT: 56 adds into the final layer
+# norm, whose loop reads the patch embedding transposed): 6.1 ms for an all-reuse step of DiT-XL/2 on
+# the H100, 1.2 ms with fused groups capped at 16 nodes. Other graphs keep Inductor's default: the cap
+# slowed full steps (by 5% at 8) and the presets' partial steps with rows (by 8-18% at 16).
 _REUSE_PATCHES = {"max_fusion_size": 16}
 
 
