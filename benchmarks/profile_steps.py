@@ -15,13 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from collections import defaultdict
 from pathlib import Path
 
 import torch
 
-from run import cases, generate  # run.py beside this file
+from run import cases, cast_inputs, elapsed, generate  # run.py beside this file
 from toca_fx import ToCaBackend
 
 SETTINGS = {"ratio1": 0, "preset": 1, "n4r03": 2}  # positions in run.py's settings of each model
@@ -45,7 +44,7 @@ def main() -> None:
         model = case.build().to(device=device, dtype=dtype).eval()  # buffers made from numpy start on the CPU
     x0, args_of = case.inputs(case.batch, device)
     x0 = x0.to(dtype)
-    cast = lambda x, t: tuple(a.to(dtype) if a.is_floating_point() and a.dim() > 1 else a for a in args_of(x, t))  # noqa: E731
+    cast = cast_inputs(args_of, dtype)
     backend = ToCaBackend(config)
     graphed = not (args.no_cudagraphs or args.tiny)
     fn = torch.compile(model, backend=backend, dynamic=False, mode="reduce-overhead" if graphed else None)
@@ -66,14 +65,15 @@ def per_plan(backend: ToCaBackend, fn, x0, args_of, steps: int) -> list[dict]:
     graph = backend.graphs[0]
     times: dict[tuple, list[float]] = defaultdict(list)
     labels: dict[tuple, str] = {}
-    x = x0
-    for i in range(steps):
+
+    def timed(*args):
         label, key, _ = graph._plan(graph.state.step)
-        t = torch.full((2 * x.shape[0],), 999.0 * (1 - i / steps), device=x.device)
-        times[key].append(_elapsed_ms(lambda: fn(*args_of(torch.cat([x, x]), t)), x.is_cuda))
-        out = _elapsed_ms.last
+        out = []
+        times[key].append(elapsed(lambda: out.append(fn(*args)), x0.is_cuda) * 1e3)
         labels[key] = label
-        x = x - 0.01 * out[:, : x.shape[1]].chunk(2)[0]
+        return out[0]
+
+    generate(timed, x0, args_of, steps)
     flops = graph.flops
     full_key = next(k for k, lab in labels.items() if lab == "full")
     rate = flops[full_key] / statistics.median(times[full_key])  # FLOPs per ms of the full step
@@ -89,20 +89,6 @@ def per_plan(backend: ToCaBackend, fn, x0, args_of, steps: int) -> list[dict]:
             "ms": statistics.median(ms), "gflops": flops[key] / 1e9, "ms_at_full_rate": flops[key] / rate,
         })
     return rows
-
-
-def _elapsed_ms(work, cuda: bool) -> float:
-    """Milliseconds of `work()` (CUDA events on the GPU); its result is kept in `_elapsed_ms.last`."""
-    if not cuda:
-        start = time.perf_counter()
-        _elapsed_ms.last = work()
-        return (time.perf_counter() - start) * 1e3
-    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    begin.record()
-    _elapsed_ms.last = work()
-    end.record()
-    end.synchronize()
-    return begin.elapsed_time(end)
 
 
 def kernel_table(fn, x0, args_of, steps: int, top: int) -> list[dict]:

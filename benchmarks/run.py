@@ -120,13 +120,13 @@ def time_generations(fn: Callable, x0, args_of, steps: int, repeats: int) -> dic
         torch.cuda.reset_peak_memory_stats()
     times = []
     for _ in range(repeats):
-        times.append(_elapsed(lambda: generate(fn, x0, args_of, steps), x0.is_cuda))
+        times.append(elapsed(lambda: generate(fn, x0, args_of, steps), x0.is_cuda))
     median = statistics.median(times)
     peak = torch.cuda.max_memory_allocated() if x0.is_cuda else 0
     return {"ms": median * 1e3, "spread": (max(times) - min(times)) * 1e3, "compile_s": first - median, "peak": peak, "sample": sample}
 
 
-def _elapsed(work: Callable, cuda: bool) -> float:
+def elapsed(work: Callable, cuda: bool) -> float:
     with torch.no_grad():
         if not cuda:
             start = time.perf_counter()
@@ -148,7 +148,7 @@ def run_case(
         model = case.build().to(device=device, dtype=dtype).eval()  # buffers made from numpy start on the CPU
     x0, args_of = case.inputs(case.batch, device)
     x0 = x0.to(dtype)
-    args_of = _cast(args_of, dtype)
+    args_of = cast_inputs(args_of, dtype)
     rows, reference = [], None
     runs: list[tuple[str, Any, str | None]] = [("eager", None, None)]  # (setting, backend, mode)
     for mode in modes:
@@ -178,7 +178,7 @@ def run_case(
     return _relative(rows)
 
 
-def _cast(args_of: Callable, dtype: torch.dtype) -> Callable:
+def cast_inputs(args_of: Callable, dtype: torch.dtype) -> Callable:
     def cast(x, t):
         return tuple(a.to(dtype) if a.is_floating_point() and a.dim() > 1 else a for a in args_of(x, t))
 

@@ -30,11 +30,7 @@ def shapes_of(inputs: list[Any]) -> list[Any]:
 
 def spec_shape(spec: Any) -> TensorShape:
     """A contiguous `TensorShape` for a `BufferSpec`."""
-    strides, size = [], 1
-    for dim in reversed(spec.shape):
-        strides.insert(0, size)
-        size *= dim
-    return TensorShape(tuple(spec.shape), tuple(strides), spec.dtype, spec.device)
+    return TensorShape(tuple(spec.shape), torch.empty(spec.shape, device="meta").stride(), spec.dtype, spec.device)
 
 
 BRANCH = "toca_branch"  # node meta key: index of the branch a node belongs to

@@ -53,11 +53,10 @@ class CacheState:
         """The next call's buffers, one per spec: those at the indices `used` (default: all) allocated
         (zeros) on first use; the others stay empty stand-ins, which the call's graph must not read."""
         buffers, allocated = self.stream_buffers[self.turn], self._allocated[self.turn]
-        for i in (range(len(self.specs)) if used is None else used):
-            if i not in allocated:
-                s = self.specs[i]
-                buffers[i] = torch.zeros(s.shape, dtype=s.dtype, device=s.device)
-                allocated.add(i)
+        for i in (set(range(len(self.specs))) if used is None else used) - allocated:
+            s = self.specs[i]
+            buffers[i] = torch.zeros(s.shape, dtype=s.dtype, device=s.device)
+            allocated.add(i)
         return buffers
 
     def record(self, label: str, rows: dict[int, tuple[int, int]], key: tuple = ()) -> None:
