@@ -11,7 +11,8 @@ HarmoniCa: one router per target speedup, started from FORA's schedule at the ne
 3) and trained (`--iterations`) with every forward reusing the fraction of (step, branch) pairs that
 the target implies (`TrainConfig.target_reuse`), then thresholded (`Router.with_threshold`) at the gate
 level whose speedup, estimated from per-branch FLOPs (`flop_model`), is closest to the target; the
-table's speedup is measured. Routers are saved as `<--router>_<target>x.pt`.
+table's speedup is measured. Routers are saved as `<--router>_<target>x.pt`. A second table gives, per
+target, HarmoniCa's Frechet distance minus FORA's with a paired-bootstrap 95% interval.
 """
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ from typing import Any
 import torch
 
 from toca_fx import FORAPolicy, Router, ToCaBackend, ToCaConfig
-from toca_fx.metrics import classifier_accuracy, digits_frechet_distance, psnr
+from toca_fx.metrics import (classifier_accuracy, classifier_features, digits_frechet_distance, feature_statistics,
+                             frechet_distance, psnr)
 from toca_fx.models.digits import load_digits_classifier, load_digits_dit
 from toca_fx.router import TrainConfig, train
 from toca_fx.sampling import ddim_sample
@@ -112,26 +114,48 @@ def evaluate(images: torch.Tensor, reference: torch.Tensor, labels: torch.Tensor
     }
 
 
-def policies(model: torch.nn.Module, routers: dict[float, Router], steps: int) -> list[tuple[str, float, ToCaConfig]]:
-    """(name, speedup, config) for each method at each target speedup."""
+def policies(model: torch.nn.Module, routers: dict[float, Router], steps: int
+             ) -> tuple[list[tuple[str, float, ToCaConfig]], list[tuple[float, str, str]]]:
+    """(name, speedup, config) for each method at each target speedup, and (target, HarmoniCa's row,
+    FORA's row) for each target."""
     toca = [(speedup(model, c, steps), c) for c in
             (ToCaConfig(interval=i, ratio=r, num_steps=steps, inner="eager") for i, r in TOCA_GRID)]
     fora = [(speedup(model, c, steps), c) for c in
             (ToCaConfig(policy=FORAPolicy(i), num_steps=steps, inner="eager") for i in FORA_INTERVALS)]
     outside, branch = flop_model(model, steps)
-    rows = []
+    rows, pairs = [], []
     for target in TARGETS:
         s, c = nearest(toca, target)
         rows.append((f"ToCa interval={c.interval} ratio={c.ratio}", s, c))
         s, c = nearest(fora, target)
         rows.append((f"FORA interval={c.policy.interval}", s, c))
+        fora_name = rows[-1][0]
         s, r = calibrate(routers[target], target, outside, branch)
         print(f"router for {target}x: threshold {routers[target].threshold:.4f} -> {r.threshold:.4f}, "
               f"estimated speedup {estimated_speedup(routers[target], outside, branch):.3f}x -> {s:.3f}x",
               file=sys.stderr)
         name = f"HarmoniCa (router for {target}x) threshold={r.threshold:.3f}"
         rows.append((name, s, ToCaConfig(policy=r, num_steps=steps, inner="eager")))
-    return rows
+        pairs.append((target, name, fora_name))
+    return rows, pairs
+
+
+def paired_fd_gap(classifier: Any, images: torch.Tensor, baseline: torch.Tensor, resamples: int = 1000,
+                  seed: int = 0) -> tuple[float, float, float]:
+    """FD(images) - FD(baseline), and its 95% interval from a paired bootstrap: both sets are resampled
+    at the same sample indices (sample i of each comes from the same noise and label), so the interval
+    is that of the difference, much narrower than that of either distance."""
+    a, b = classifier_features(classifier, images), classifier_features(classifier, baseline)
+    ref = (classifier.ref_mu.cpu(), classifier.ref_cov.cpu())
+
+    def gap(index: torch.Tensor) -> float:
+        return (frechet_distance(*feature_statistics(a[index]), *ref)
+                - frechet_distance(*feature_statistics(b[index]), *ref))
+
+    gen = torch.Generator().manual_seed(seed)
+    gaps = torch.tensor([gap(torch.randint(0, len(a), (len(a),), generator=gen)) for _ in range(resamples)])
+    low, high = torch.quantile(gaps, torch.tensor([0.025, 0.975], dtype=gaps.dtype)).tolist()
+    return gap(torch.arange(len(a))), low, high
 
 
 def target_reuse(target: float, steps: int) -> float:
@@ -151,8 +175,9 @@ def train_routers(model: torch.nn.Module, args: argparse.Namespace, targets: lis
         routers[target] = result.router
         reused = 1 - result.router.computes()[1:].float().mean().item()
         print(f"router for {target}x: reuses {reused:.1%} of steps >= 1 (target {config.target_reuse:.1%}), "
-              f"{time.time() - start:.0f} s, objective {result.objectives[0]:.4g} -> {result.objectives[-1]:.4g}",
-              file=sys.stderr)
+              f"{time.time() - start:.0f} s, objective {result.objectives[0]:.4g} -> {result.objectives[-1]:.4g}, "
+              f"validation error {result.validation[0]:.4g} at the start, {result.validation[result.best_iteration]:.4g} "
+              f"at iteration {result.best_iteration} (kept); all: {result.validation}", file=sys.stderr)
     return routers
 
 
@@ -166,15 +191,23 @@ def quality_table(args: argparse.Namespace) -> None:
     routers = {t: Router.load(f"{args.router}_{t}x.pt") for t in TARGETS if t not in trained}
     routers.update(train_routers(model, args, trained))
     reference, _ = generate(model, None, labels, args.steps)
-    unique = {name: (name, s, c) for name, s, c in policies(model, routers, args.steps)}
+    candidates, pairs = policies(model, routers, args.steps)
+    unique = {name: (name, s, c) for name, s, c in candidates}
     rows = [("uncached", 1.0, None)] + sorted(unique.values(), key=lambda r: (r[1], r[0]))
     print("| policy | speedup (FLOPs) | accuracy | Frechet distance | PSNR vs uncached (dB) |")
     print("|---|---|---|---|---|")
+    samples = {}
     for name, _, config in rows:
         images, s = generate(model, config, labels, args.steps)
+        samples[name] = images
         q = evaluate(images, reference, labels, classifier)
         psnr_text = "inf" if config is None else f"{q['psnr']:.1f}"
         print(f"| {name} | {s:.2f}x | {q['accuracy']:.1%} | {q['fd']:.2f} | {psnr_text} |", flush=True)
+    print("\n| target | HarmoniCa FD - FORA FD | 95% interval (paired bootstrap) |")
+    print("|---|---|---|")
+    for target, harmonica, fora in pairs:
+        gap, low, high = paired_fd_gap(classifier, samples[harmonica], samples[fora])
+        print(f"| {target}x | {gap:+.2f} | [{low:+.2f}, {high:+.2f}] |", flush=True)
     print(f"total {time.time() - start:.0f} s", file=sys.stderr)
 
 
@@ -213,7 +246,7 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=30, help="router training iterations")
     parser.add_argument("--batch", type=int, default=4, help="router training batch")
     parser.add_argument("--beta", type=float, default=1e-3, help="router training: cache-use coefficient")
-    parser.add_argument("--lr", type=float, default=0.1, help="router training: Adam learning rate")
+    parser.add_argument("--lr", type=float, default=TrainConfig.lr, help="router training: SGD learning rate")
     parser.add_argument("--router", default="router_digits", help="trained routers go to <this>_<target>x.pt")
     parser.add_argument("--load-routers", action="store_true", help="evaluate the routers saved at --router")
     parser.add_argument("--train", help="comma-separated targets to train (default: all); the others load from --router")

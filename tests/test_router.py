@@ -20,7 +20,8 @@ STEPS = 4
 @pytest.fixture(scope="module")
 def trained():
     torch._dynamo.reset()
-    config = TrainConfig(num_steps=STEPS, iterations=4, batch=1, lambda_every=2, lambda_batch=1, beta=0.05)
+    config = TrainConfig(num_steps=STEPS, iterations=4, batch=1, lambda_every=2, lambda_batch=1, beta=0.05, lr=0.5,
+                         validate_every=2)
     return train(tiny_dit(), (4, 8, 8), config=config, progress=False)
 
 
@@ -28,6 +29,13 @@ def test_training_reduces_the_objective(trained):
     assert len(trained.objectives) == 4
     assert trained.objectives[-1] < trained.objectives[0]
     assert trained.router.gates.shape == (STEPS, 4)  # attention and MLP of 2 blocks
+
+
+def test_the_result_is_the_best_validated_router(trained):
+    assert sorted(trained.validation) == [0, 2, 4]  # the start, every 2nd iteration, the end
+    best = min(trained.validation, key=lambda it: (trained.validation[it], it))
+    assert trained.best_iteration == best
+    assert trained.validation[best] < trained.validation[0] or best == 0
 
 
 def test_lambdas_are_positive_and_reestimated_on_schedule(trained):
@@ -40,9 +48,9 @@ def test_lambdas_are_positive_and_reestimated_on_schedule(trained):
 def test_target_reuse_is_the_budget_of_every_forward_and_of_the_router(monkeypatch):
     hard = []
 
-    class Recording(Student):  # keeps each training step's gates (IEPO's, per sample, are 2-D)
+    class Recording(Student):  # keeps each training step's gates (IEPO's are 2-D, validation's need no grad)
         def __setattr__(self, name, value):
-            if name == "gates" and value is not None and value.dim() == 1:
+            if name == "gates" and value is not None and value.dim() == 1 and value.requires_grad:
                 hard.append(value.detach().round())
             super().__setattr__(name, value)
 
@@ -104,7 +112,8 @@ def test_router_rejects_a_generation_of_another_length():
         Router(torch.ones(3, 2)).plans(0, 5, [])
 
 
-@pytest.mark.parametrize("field, value", [("iterations", 0), ("beta", -1.0), ("threshold", 1.5), ("batch", 2.0), ("target_reuse", 1.0)])
+@pytest.mark.parametrize("field, value", [("iterations", 0), ("beta", -1.0), ("threshold", 1.5), ("batch", 2.0), ("target_reuse", 1.0),
+                                          ("num_steps", 1), ("momentum", 1.0), ("validate_every", 0)])
 def test_train_config_is_validated(field, value):
     with pytest.raises(ValueError, match=rf"TrainConfig\.{field} must be"):
         TrainConfig(**{field: value})
