@@ -1,7 +1,27 @@
-"""Speed of toca_fx against eager and plain Inductor, side by side in one process.
+r"""Speed of toca_fx against eager and plain Inductor, side by side in one process.
 
     python benchmarks/run.py --models dit,pixart1024 --out results/     # on the GPU machine
     python benchmarks/run.py --tiny                                     # CPU smoke run
+
+The "flux" case (not in the default --models) is diffusers' FluxTransformer2DModel at FLUX.1-dev size
+with random weights (12B parameters, 24 GB in bf16). On a GPU machine without a network, unpack the
+wheels of diffusers and its import-time dependencies that `.whl/` holds (git-ignored; cp312 manylinux
+x86_64; torch and numpy are not among them: the machine's own are used; the device tool's run must
+carry `.whl`), then run it (pip, or where pip fails or is missing, `python -m zipfile`, unpacks them):
+
+    { python -m pip install -q --upgrade --no-index --no-deps --target /tmp/site .whl/*.whl \
+      || for w in .whl/*.whl; do python -m zipfile -e "$w" /tmp/site || exit 1; done; } \
+      && PYTHONPATH=/tmp/site:$PWD python benchmarks/run.py --models flux --cudagraphs on --repeats 3
+
+On an H100 all five settings take about 13 minutes cold (compiles: Inductor 99 s, the preset 285 s,
+N=4 r=0.3 176 s, ratio 1.0 74 s; generations 1.7-5.1 s): under a 10-minute limit per command, split
+them with --skip (e.g. --skip "ratio 1.0|N=4", then --skip "eager|preset").
+
+To fill `.whl/` (on a machine with PyPI): pip download --only-binary=:all: --python-version 3.12
+--implementation cp --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform
+manylinux_2_28_x86_64 -d .whl diffusers==0.42.1 "huggingface_hub>=1.32,<2", then delete the numpy
+wheel. The GPU machine's venv has transformers and peft, which diffusers imports when present: its
+transformers needs huggingface_hub < 2 (diffusers 0.42.1: >= 1.32).
 
 For each model and setting: wall time per generation (median over repeats, CUDA events, after a
 warm-up generation that also compiles), speedup over plain Inductor, theoretical FLOP speedup (counted
@@ -12,6 +32,7 @@ against the uncached Inductor run from the same noise. Results go to JSON and a 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import re
@@ -35,8 +56,11 @@ class Case:
     build: Callable[[], torch.nn.Module]
     batch: int  # samples; classifier-free guidance doubles it per call
     steps: int
-    inputs: Callable[[int, torch.device], tuple[torch.Tensor, Callable[[torch.Tensor, torch.Tensor], tuple]]]
+    # (x0, args_of): args_of(x, t) gives the model's arguments, a tuple (positional) or a dict (keywords)
+    inputs: Callable[[int, torch.device], tuple[torch.Tensor, Callable[[torch.Tensor, torch.Tensor], tuple | dict]]]
     settings: list[tuple[str, ToCaConfig]]
+    cfg: bool = True  # batched classifier-free guidance; False: one call per step on the batch as it is
+    build_in_dtype: bool = False  # parameters made in the run's dtype (no float32 copy of a large model)
 
 
 def _dit_inputs(size: int, classes: int):
@@ -60,6 +84,50 @@ def _pixart_inputs(size: int, caption: int, text_tokens: int = 120):
     return make
 
 
+def _flux_inputs(side: int, channels: int, text_tokens: int, text_channels: int, pooled: int, guidance: float = 3.5):
+    """FLUX's packed latent (side x side tokens), text, pooled text, and the ids and guidance its pipeline
+    passes; the timestep as the pipeline passes it, t / 1000."""
+    def make(batch: int, device: torch.device):
+        g = torch.Generator(device="cpu").manual_seed(0)
+        x = torch.randn(batch, side * side, channels, generator=g).to(device)
+        ctx = torch.randn(batch, text_tokens, text_channels, generator=g).to(device)
+        pooled_ctx = torch.randn(batch, pooled, generator=g).to(device)
+        img_ids = torch.zeros(side, side, 3)
+        img_ids[..., 1], img_ids[..., 2] = torch.arange(side)[:, None], torch.arange(side)[None, :]
+        img_ids, txt_ids = img_ids.reshape(side * side, 3).to(device), torch.zeros(text_tokens, 3, device=device)
+        scale = torch.full((batch,), guidance, device=device)
+        return x, lambda xx, t: dict(
+            hidden_states=xx, encoder_hidden_states=ctx, pooled_projections=pooled_ctx, timestep=t / 1000,
+            img_ids=img_ids, txt_ids=txt_ids, guidance=scale, return_dict=False,
+        )
+
+    return make
+
+
+def _flux(**config: Any) -> Callable[[], torch.nn.Module]:
+    def build() -> torch.nn.Module:
+        import diffusers  # only this case needs diffusers
+
+        return diffusers.FluxTransformer2DModel(patch_size=1, **config)
+
+    return build
+
+
+# FLUX.1-dev's transformer (12B parameters): 19 double-stream and 38 single-stream blocks, hidden size 3072.
+FLUX_DEV = dict(in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24,
+                joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56))
+# The attention score's map from 64 sampled queries, as for PixArt: all 4608 would cost a 4608 x 4608 map per head.
+FLUX_PRESET = ("ToCa preset flux (64 sampled queries)", ToCaConfig.preset("flux", num_steps=28, attention_queries=64))
+
+
+def _has_diffusers() -> bool:
+    try:
+        import diffusers  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def _settings(steps: int, preset: tuple[str, ToCaConfig]) -> list[tuple[str, ToCaConfig]]:
     return [
         ("toca ratio 1.0 (all recomputed)", ToCaConfig(interval=4, ratio=1.0, num_steps=steps, self_attn="recompute")),
@@ -80,12 +148,18 @@ PIXART_PRESET = ("ToCa preset pixart (64 sampled queries)", ToCaConfig.preset("p
 def cases(tiny: bool) -> dict[str, Case]:
     if tiny:
         small = dict(input_size=8, patch_size=2, hidden_size=64, depth=2, num_heads=4)
-        return {
+        table = {
             "dit": Case("tiny DiT", lambda: DiT(num_classes=10, **small), 2, 6, _dit_inputs(8, 10),
                         _settings(6, ("ToCa preset dit", ToCaConfig.preset("dit", num_steps=6)))),
             "pixart": Case("tiny PixArt", lambda: PixArt(caption_channels=32, **small), 1, 6, _pixart_inputs(8, 32, 8),
                            _settings(6, ("ToCa preset pixart", ToCaConfig.preset("pixart", num_steps=6)))),
         }
+        if _has_diffusers():
+            tiny_flux = dict(in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16, num_attention_heads=4,
+                             joint_attention_dim=24, pooled_projection_dim=16, guidance_embeds=True, axes_dims_rope=(4, 6, 6))
+            table["flux"] = Case("tiny FLUX", _flux(**tiny_flux), 1, 6, _flux_inputs(8, 16, 8, 24, 16),
+                                 _settings(6, ("ToCa preset flux", ToCaConfig.preset("flux", num_steps=6))), cfg=False)
+        return table
     return {
         "dit": Case("DiT-XL/2 256x256", lambda: DiT.xl_2(input_size=32), 8, 50, _dit_inputs(32, 1000), _settings(50, DIT_PRESET)),
         "pixart1024": Case(
@@ -94,33 +168,53 @@ def cases(tiny: bool) -> dict[str, Case]:
         "pixart2048": Case(
             "PixArt-alpha 2048x2048", lambda: PixArt.alpha(input_size=256), 1, 20, _pixart_inputs(256, 4096), _settings(20, PIXART_PRESET)
         ),
+        # 1024x1024: 64 x 64 packed latent tokens of 64 channels, 512 T5 tokens; guidance-distilled: no CFG.
+        "flux": Case("FLUX.1-dev 1024x1024", _flux(**FLUX_DEV), 1, 28, _flux_inputs(64, 64, 512, 4096, 768),
+                     _settings(28, FLUX_PRESET), cfg=False, build_in_dtype=True),
     }
 
 
-def generate(fn: Callable, x0: torch.Tensor, args_of: Callable, steps: int, guidance: float = 4.0) -> torch.Tensor:
-    """A DDIM-like loop with batched classifier-free guidance: one model call per step."""
+def generate(
+    fn: Callable, x0: torch.Tensor, args_of: Callable, steps: int, guidance: float = 4.0, cfg: bool = True
+) -> torch.Tensor:
+    """A DDIM-like loop, one model call per step: with batched classifier-free guidance (cfg), or
+    without (a guidance-distilled model such as FLUX.1-dev, which takes its guidance as an input)."""
     x = x0.clone()
     for i in range(steps):
+        if not cfg:
+            t = torch.full((x.shape[0],), 999.0 * (1 - i / steps), device=x.device)
+            x = x - (1.0 / steps) * _output(call(fn, args_of(x, t)))
+            continue
         t = torch.full((2 * x.shape[0],), 999.0 * (1 - i / steps), device=x.device)
-        out = fn(*args_of(torch.cat([x, x]), t))[:, : x.shape[1]]
+        out = _output(call(fn, args_of(torch.cat([x, x]), t)))[:, : x.shape[1]]
         cond, uncond = out.chunk(2)
         x = x - (1.0 / steps) * (uncond + guidance * (cond - uncond))
     return x
 
 
-def time_generations(fn: Callable, x0, args_of, steps: int, repeats: int) -> dict[str, Any]:
+def call(fn: Callable, args: tuple | dict) -> Any:
+    """fn on what an args_of gave: positional arguments (a tuple) or keyword arguments (a dict)."""
+    return fn(**args) if isinstance(args, dict) else fn(*args)
+
+
+def _output(out: Any) -> torch.Tensor:
+    """The sample of a model's output: diffusers models called with return_dict=False give a tuple."""
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def time_generations(fn: Callable, x0, args_of, steps: int, repeats: int, cfg: bool = True) -> dict[str, Any]:
     sync = torch.cuda.synchronize if x0.is_cuda else (lambda: None)
     sync()
     start = time.perf_counter()
     with torch.no_grad():
-        sample = generate(fn, x0, args_of, steps)
+        sample = generate(fn, x0, args_of, steps, cfg=cfg)
     sync()
     first = time.perf_counter() - start
     if x0.is_cuda:
         torch.cuda.reset_peak_memory_stats()
     times = []
     for _ in range(repeats):
-        times.append(elapsed(lambda: generate(fn, x0, args_of, steps), x0.is_cuda))
+        times.append(elapsed(lambda: generate(fn, x0, args_of, steps, cfg=cfg), x0.is_cuda))
     median = statistics.median(times)
     peak = torch.cuda.max_memory_allocated() if x0.is_cuda else 0
     return {"ms": median * 1e3, "spread": (max(times) - min(times)) * 1e3, "compile_s": first - median, "peak": peak, "sample": sample}
@@ -144,7 +238,7 @@ def run_case(
     case: Case, device: torch.device, dtype: torch.dtype, repeats: int, modes: list, log: Callable, skip: str | None = None
 ) -> list[dict]:
     torch.manual_seed(0)
-    with device:
+    with device, default_dtype(dtype if case.build_in_dtype else None):
         model = case.build().to(device=device, dtype=dtype).eval()  # buffers made from numpy start on the CPU
     x0, args_of = case.inputs(case.batch, device)
     x0 = x0.to(dtype)
@@ -163,7 +257,7 @@ def run_case(
             torch.cuda.empty_cache()  # the previous setting's caches and graph pools are gone
         backend = ToCaBackend(backend) if isinstance(backend, ToCaConfig) else backend
         fn = model if backend is None else torch.compile(model, backend=backend, dynamic=False, mode=mode)
-        result = time_generations(fn, x0, args_of, case.steps, repeats)
+        result = time_generations(fn, x0, args_of, case.steps, repeats, case.cfg)
         sample = result.pop("sample")
         if reference is None and name.startswith("inductor"):
             reference = sample
@@ -179,16 +273,36 @@ def run_case(
 
 
 def cast_inputs(args_of: Callable, dtype: torch.dtype) -> Callable:
+    """Floating inputs of more than one dimension (latents, conditions, FLUX's position ids) in `dtype`;
+    timesteps and guidance scales stay float32, as pipelines pass them."""
+    def one(a):
+        return a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() and a.dim() > 1 else a
+
     def cast(x, t):
-        return tuple(a.to(dtype) if a.is_floating_point() and a.dim() > 1 else a for a in args_of(x, t))
+        args = args_of(x, t)
+        if isinstance(args, dict):
+            return {k: one(a) for k, a in args.items()}
+        return tuple(one(a) for a in args)
 
     return cast
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype | None):
+    """Parameters made in `dtype` while building (None: as they are)."""
+    before = torch.get_default_dtype()
+    if dtype is not None:
+        torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(before)
 
 
 def _relative(rows: list[dict]) -> list[dict]:
     base = {("cudagraphs" in r["setting"]): r for r in rows if r["setting"].startswith("inductor")}
     for r in rows:
-        ref = base.get("cudagraphs" in r["setting"], base.get(False))
+        ref = base.get("cudagraphs" in r["setting"]) or base.get(False) or base[True]  # eager: either baseline
         r["speedup"] = ref["ms"] / r["ms"]
         r["compile_vs_inductor"] = r["compile_s"] / max(ref["compile_s"], 1e-9)
         r["peak_vs_inductor"] = r["peak"] / ref["peak"] if ref["peak"] else 0.0

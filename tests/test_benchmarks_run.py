@@ -1,0 +1,91 @@
+"""benchmarks/run.py's generation loop with and without classifier-free guidance, and its FLUX case."""
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+_spec = importlib.util.spec_from_file_location("benchmarks_run", Path(__file__).parents[1] / "benchmarks" / "run.py")
+run = sys.modules["benchmarks_run"] = importlib.util.module_from_spec(_spec)  # dataclasses look it up
+_spec.loader.exec_module(run)
+
+
+def _old_generate(fn, x0, args_of, steps, guidance=4.0):
+    """run.generate before it took cases without guidance, verbatim."""
+    x = x0.clone()
+    for i in range(steps):
+        t = torch.full((2 * x.shape[0],), 999.0 * (1 - i / steps), device=x.device)
+        out = fn(*args_of(torch.cat([x, x]), t))[:, : x.shape[1]]
+        cond, uncond = out.chunk(2)
+        x = x - (1.0 / steps) * (uncond + guidance * (cond - uncond))
+    return x
+
+
+def test_cfg_loop_is_unchanged():
+    x0, args_of = run._dit_inputs(4, 10)(2, torch.device("cpu"))
+
+    def model(x, t, y):  # learned-sigma-like output: twice the channels, depends on t and the label
+        out = torch.sin(x) * (t / 1000)[:, None, None, None] + y[:, None, None, None] / 10
+        return torch.cat([out, -out], dim=1)
+
+    assert torch.equal(run.generate(model, x0, args_of, 5), _old_generate(model, x0, args_of, 5))
+
+
+def test_loop_without_cfg_calls_once_per_step_with_keywords():
+    batch, steps = 2, 4
+    x0, args_of = run._flux_inputs(side=3, channels=5, text_tokens=2, text_channels=6, pooled=7)(batch, torch.device("cpu"))
+    calls = []
+
+    def model(**kw):
+        calls.append(kw)
+        return (kw["hidden_states"] * 0 + kw["timestep"][:, None, None],)  # a tuple, as with return_dict=False
+
+    x = run.generate(model, x0, args_of, steps, cfg=False)
+    assert len(calls) == steps
+    assert all(c["hidden_states"].shape == (batch, 9, 5) and c["return_dict"] is False for c in calls)
+    times = [c["timestep"] for c in calls]
+    assert all(t.shape == (batch,) for t in times)
+    torch.testing.assert_close(torch.stack([t[0] for t in times]), torch.tensor([0.999 * (1 - i / steps) for i in range(steps)]))
+    assert all(torch.equal(c["guidance"], torch.full((batch,), 3.5)) for c in calls)
+    torch.testing.assert_close(x, x0 - sum(times)[:, None, None] / steps)  # Euler steps on the output
+    # FLUX's pipeline ids: image token i * side + j at (0, i, j); text tokens at 0
+    ids = calls[0]["img_ids"]
+    assert ids.shape == (9, 3) and ids[7].tolist() == [0.0, 2.0, 1.0] and not ids[:, 0].any()
+    assert calls[0]["txt_ids"].shape == (2, 3) and not calls[0]["txt_ids"].any()
+
+
+def test_cast_inputs_casts_latents_and_conditions_only():
+    x0, args_of = run._flux_inputs(2, 4, 3, 6, 5)(1, torch.device("cpu"))
+    args = run.cast_inputs(args_of, torch.bfloat16)(x0, torch.full((1,), 999.0))
+    assert {k for k, v in args.items() if isinstance(v, torch.Tensor) and v.dtype == torch.bfloat16} == {
+        "hidden_states", "encoder_hidden_states", "pooled_projections", "img_ids", "txt_ids"
+    }
+    assert args["timestep"].dtype == args["guidance"].dtype == torch.float32
+    assert args["return_dict"] is False
+
+
+def test_flux_dev_case_builds_in_bf16_off_the_cpu():
+    pytest.importorskip("diffusers")
+    case = run.cases(tiny=False)["flux"]
+    assert not case.cfg and case.batch == 1 and case.steps == 28 and case.build_in_dtype
+    with torch.device("meta"), run.default_dtype(torch.bfloat16):  # anything made on the CPU would show
+        model = case.build()
+    assert torch.get_default_dtype() == torch.float32
+    params = list(model.parameters())
+    assert {p.device.type for p in params} == {"meta"} and {p.dtype for p in params} == {torch.bfloat16}
+    assert 11.8e9 < sum(p.numel() for p in params) < 12.0e9  # FLUX.1-dev's transformer
+    assert case.settings[1][1].attention_queries == 64 and case.settings[1][1].num_steps == 28
+
+
+def test_tiny_flux_case_runs():
+    pytest.importorskip("diffusers")
+    case = run.cases(tiny=True)["flux"]
+    torch.manual_seed(0)
+    model = case.build().eval()
+    x0, args_of = case.inputs(case.batch, torch.device("cpu"))
+    with torch.no_grad():
+        x = run.generate(model, x0, args_of, 3, cfg=case.cfg)
+    assert x.shape == x0.shape and torch.isfinite(x).all() and not torch.equal(x, x0)
