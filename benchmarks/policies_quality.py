@@ -175,7 +175,8 @@ def train_routers(model: torch.nn.Module, args: argparse.Namespace, targets: lis
         routers[target] = result.router
         reused = 1 - result.router.computes()[1:].float().mean().item()
         print(f"router for {target}x: reuses {reused:.1%} of steps >= 1 (target {config.target_reuse:.1%}), "
-              f"{time.time() - start:.0f} s, objective {result.objectives[0]:.4g} -> {result.objectives[-1]:.4g}, "
+              f"{time.time() - start:.0f} s, objective {result.objectives[0]:.4g} (first iteration) -> "
+              f"{result.objectives[-1]:.4g} (last), "
               f"validation error {result.validation[0]:.4g} at the start, {result.validation[result.best_iteration]:.4g} "
               f"at iteration {result.best_iteration} (kept); all: {result.validation}", file=sys.stderr)
     return routers
@@ -196,18 +197,19 @@ def quality_table(args: argparse.Namespace) -> None:
     rows = [("uncached", 1.0, None)] + sorted(unique.values(), key=lambda r: (r[1], r[0]))
     print("| policy | speedup (FLOPs) | accuracy | Frechet distance | PSNR vs uncached (dB) |")
     print("|---|---|---|---|---|")
-    samples = {}
+    samples, speedups = {}, {}
     for name, _, config in rows:
         images, s = generate(model, config, labels, args.steps)
-        samples[name] = images
+        samples[name], speedups[name] = images, s
         q = evaluate(images, reference, labels, classifier)
         psnr_text = "inf" if config is None else f"{q['psnr']:.1f}"
         print(f"| {name} | {s:.2f}x | {q['accuracy']:.1%} | {q['fd']:.2f} | {psnr_text} |", flush=True)
-    print("\n| target | HarmoniCa FD - FORA FD | 95% interval (paired bootstrap) |")
-    print("|---|---|---|")
+    print("\n| target | HarmoniCa (speedup) | FORA (speedup) | HarmoniCa FD - FORA FD | 95% interval (paired bootstrap) |")
+    print("|---|---|---|---|---|")
     for target, harmonica, fora in pairs:
         gap, low, high = paired_fd_gap(classifier, samples[harmonica], samples[fora])
-        print(f"| {target}x | {gap:+.2f} | [{low:+.2f}, {high:+.2f}] |", flush=True)
+        print(f"| {target}x | {speedups[harmonica]:.2f}x | {fora} ({speedups[fora]:.2f}x) | {gap:+.2f} | "
+              f"[{low:+.2f}, {high:+.2f}] |", flush=True)
     print(f"total {time.time() - start:.0f} s", file=sys.stderr)
 
 

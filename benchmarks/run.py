@@ -5,23 +5,23 @@ r"""Speed of toca_fx against eager and plain Inductor, side by side in one proce
 
 The "flux" case (not in the default --models) is diffusers' FluxTransformer2DModel at FLUX.1-dev size
 with random weights (12B parameters, 24 GB in bf16). On a GPU machine without a network, unpack the
-wheels of diffusers and its import-time dependencies that `.whl/` holds (git-ignored; cp312 manylinux
-x86_64; torch and numpy are not among them: the machine's own are used; the device tool's run must
-carry `.whl`), then run it (pip, or where pip fails or is missing, `python -m zipfile`, unpacks them):
+wheels of diffusers and its import-time dependencies that `.whl/` holds (git-ignored, so copy it to
+the machine with the tree; cp312 manylinux x86_64; torch and numpy are not among them: the machine's
+own are used), then run it (pip, or where pip fails or is missing, `python -m zipfile`, unpacks them):
 
     { python -m pip install -q --upgrade --no-index --no-deps --target /tmp/site .whl/*.whl \
       || for w in .whl/*.whl; do python -m zipfile -e "$w" /tmp/site || exit 1; done; } \
       && PYTHONPATH=/tmp/site:$PWD python benchmarks/run.py --models flux --cudagraphs on --repeats 3
 
-On an H100 all five settings take about 13 minutes cold (compiles: Inductor 99 s, the preset 285 s,
-N=4 r=0.3 176 s, ratio 1.0 74 s; generations 1.7-5.1 s): under a 10-minute limit per command, split
-them with --skip (e.g. --skip "ratio 1.0|N=4", then --skip "eager|preset").
+On an H100 all five settings take more than 10 minutes (Inductor's cold compile 116 s, the preset's
+335 s; a generation 1.7-3.7 s compiled; docs/benchmarks.md): under a time limit per command, split
+them with --skip (e.g. --skip "eager|ratio 1.0|N=4", then --skip "eager|preset").
 
 To fill `.whl/` (on a machine with PyPI): pip download --only-binary=:all: --python-version 3.12
 --implementation cp --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform
 manylinux_2_28_x86_64 -d .whl diffusers==0.42.1 "huggingface_hub>=1.32,<2", then delete the numpy
-wheel. The GPU machine's venv has transformers and peft, which diffusers imports when present: its
-transformers needs huggingface_hub < 2 (diffusers 0.42.1: >= 1.32).
+wheel. Where transformers and peft are installed, diffusers imports them, and transformers 5 needs
+huggingface_hub < 2 (diffusers 0.42.1: >= 1.32).
 
 For each model and setting: wall time per generation (median over repeats, CUDA events, after a
 warm-up generation that also compiles), speedup over plain Inductor, theoretical FLOP speedup (counted
@@ -41,7 +41,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -274,7 +274,8 @@ def run_case(
 
 def cast_inputs(args_of: Callable, dtype: torch.dtype) -> Callable:
     """Floating inputs of more than one dimension (latents, conditions, FLUX's position ids) in `dtype`;
-    timesteps and guidance scales stay float32, as pipelines pass them."""
+    1-D ones (timesteps, guidance scales) stay float32 (FLUX's pipeline passes its timestep in the
+    latents' dtype; the sinusoidal embedding computes in float32 either way)."""
     def one(a):
         return a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() and a.dim() > 1 else a
 
@@ -288,7 +289,7 @@ def cast_inputs(args_of: Callable, dtype: torch.dtype) -> Callable:
 
 
 @contextlib.contextmanager
-def default_dtype(dtype: torch.dtype | None):
+def default_dtype(dtype: torch.dtype | None) -> Iterator[None]:
     """Parameters made in `dtype` while building (None: as they are)."""
     before = torch.get_default_dtype()
     if dtype is not None:

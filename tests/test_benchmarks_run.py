@@ -89,3 +89,19 @@ def test_tiny_flux_case_runs():
     with torch.no_grad():
         x = run.generate(model, x0, args_of, 3, cfg=case.cfg)
     assert x.shape == x0.shape and torch.isfinite(x).all() and not torch.equal(x, x0)
+
+
+def test_relative_compares_each_row_with_the_baseline_of_its_mode():
+    def row(setting, ms, **extra):
+        return {"setting": setting, "ms": ms, "compile_s": 1.0, "peak": 100, **extra}
+
+    rows = run._relative([
+        row("eager", 400.0),  # no plain Inductor row with --cudagraphs on: compared with the CUDA-graph one
+        row("inductor +cudagraphs", 200.0),
+        row("toca preset +cudagraphs", 100.0, flops_ratio=0.4),
+    ])
+    assert [r["speedup"] for r in rows] == [0.5, 1.0, 2.0]
+    assert rows[2]["theoretical"] == 2.5 and rows[2]["efficiency"] == pytest.approx(0.8)
+    both = run._relative([row("inductor", 300.0), row("inductor +cudagraphs", 200.0), row("toca", 150.0),
+                          row("toca +cudagraphs", 100.0)])
+    assert [r["speedup"] for r in both] == [1.0, 1.0, 2.0, 2.0]

@@ -10,7 +10,8 @@ import torch
 from toca_fx import Router, ToCaBackend, ToCaConfig
 from toca_fx.router import TrainConfig, train
 from toca_fx.router.student import Student
-from toca_fx.router.train import _budget_router
+from toca_fx.router.train import TrainResult, _budget_router, _center, _final_error, _keep_if_best, _validation_set
+from toca_fx.router.trajectory import Sampler
 
 from .helpers import step_inputs, tiny_dit
 
@@ -20,27 +21,56 @@ STEPS = 4
 @pytest.fixture(scope="module")
 def trained():
     torch._dynamo.reset()
-    config = TrainConfig(num_steps=STEPS, iterations=4, batch=1, lambda_every=2, lambda_batch=1, beta=0.05, lr=0.5,
+    model = tiny_dit()
+    config = TrainConfig(num_steps=STEPS, iterations=3, batch=1, lambda_every=2, lambda_batch=1, beta=0.05, lr=0.5,
                          validate_every=2)
-    return train(tiny_dit(), (4, 8, 8), config=config, progress=False)
+    return SimpleNamespace(model=model, config=config, result=train(model, (4, 8, 8), config=config, progress=False))
 
 
 def test_training_reduces_the_objective(trained):
-    assert len(trained.objectives) == 4
-    assert trained.objectives[-1] < trained.objectives[0]
-    assert trained.router.gates.shape == (STEPS, 4)  # attention and MLP of 2 blocks
+    result = trained.result
+    assert len(result.objectives) == 3
+    assert result.objectives[-1] < result.objectives[0]
+    assert result.router.gates.shape == (STEPS, 4)  # attention and MLP of 2 blocks
 
 
 def test_the_result_is_the_best_validated_router(trained):
-    assert sorted(trained.validation) == [0, 2, 4]  # the start, every 2nd iteration, the end
-    best = min(trained.validation, key=lambda it: (trained.validation[it], it))
-    assert trained.best_iteration == best
-    assert trained.validation[best] < trained.validation[0] or best == 0
+    result = trained.result
+    assert sorted(result.validation) == [0, 2, 3]  # the start, every 2nd iteration, after the last
+    assert result.best_iteration == min(result.validation, key=lambda it: (result.validation[it], it))
+    # the returned router is the one that scored: re-scored on the same validation set, the same error
+    sampler = Sampler(STEPS, trained.config.cfg_scale, null_label=trained.model.num_classes)
+    validation = _validation_set(trained.model, sampler, trained.config, (4, 8, 8), trained.model.num_classes,
+                                 torch.device("cpu"))
+    error = _final_error(Student(trained.model), sampler, result.router.computes(), *validation)
+    assert error == pytest.approx(result.validation[result.best_iteration], rel=1e-5)
+
+
+def test_keep_if_best_keeps_the_router_of_the_lowest_error_earliest_on_ties():
+    routers = [Router(torch.full((2, 1), g)) for g in (0.1, 0.2, 0.3, 0.4)]
+    result = TrainResult(router=routers[0])
+    for it, (router, error) in enumerate(zip(routers, [3.0, 1.0, 2.0, 1.0])):
+        _keep_if_best(result, router, it, error)
+    assert result.router is routers[1] and result.best_iteration == 1
+
+
+@pytest.mark.parametrize("budget", [0, 5, 12])
+def test_centering_puts_the_budget_boundary_at_zero_and_keeps_the_ranking(budget):
+    logits = torch.randn(STEPS, 4, generator=torch.Generator().manual_seed(budget))
+    before = logits.clone()
+    _center(logits, budget)
+    assert torch.equal(logits[0], before[0])  # step 0 always computes: not shifted
+    shift = before[1:] - logits[1:]
+    assert torch.allclose(shift, shift[0, 0].expand_as(shift))  # one shift for all: no ranking changes
+    top = logits[1:].flatten().sort(descending=True).values
+    boundary = top[max(budget - 1, 0):budget + 1].mean()
+    assert abs(boundary.item()) < 1e-6
 
 
 def test_lambdas_are_positive_and_reestimated_on_schedule(trained):
-    assert trained.lambda_iterations == [0, 2]
-    for lam in trained.lambdas:
+    result = trained.result
+    assert result.lambda_iterations == [0, 2]
+    for lam in result.lambdas:
         assert lam.shape == (STEPS,) and bool((lam > 0).all())
         assert lam[1:].mean().item() == pytest.approx(1.0)
 

@@ -19,8 +19,6 @@ def estimate_lambdas(student: Student, sampler: Sampler, computes: torch.Tensor,
     """lambda(t) for t = 0..T-1 (positive, mean 1 over t >= 1; step 0 always computes and gets 1).
     `computes`: the router's hard decisions [T, branches]."""
     steps, batch = sampler.num_steps, len(labels)
-    if steps == 1:
-        return torch.ones(1)
     variants = 2 * (steps - 1)  # (reused at t, computed at t) for t = 1..T-1
     x = noise.repeat(variants, *[1] * (noise.dim() - 1))
     y = labels.repeat(variants)

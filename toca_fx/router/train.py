@@ -19,14 +19,15 @@ towards the target instead could not hold the budget (on the device a 2x router 
 target drifted from 53% to 39% reuse).
 
 Under a budget, training ranks pairs, so the size of each gradient matters, not only its sign. The
-update is SGD with momentum on the gradient divided by its root mean square over all logits (one
-scale for all: Adam's per-logit scale moved every logit by about lr whatever its gradient, and its
-first step re-ranked FORA's tied pairs by the signs of one noisy batch: at 3x the objective went from
-0.020 to 0.059 in one iteration). After each update the logits are shifted so the budget's boundary
-sits at logit 0, where the sigmoid's gradient is largest (a shift changes no ranking).
-Every `validate_every` iterations the router is scored by the final sample's squared error against
-the teacher on a fixed validation batch (its own noise, drawn apart from the training noise); the
-result keeps the best-scoring router, the start included.
+update is SGD with momentum on the gradient divided by its root mean square over all logits: one
+scale for all, so a pair's step follows the size of its gradient (Adam's per-logit scale moved every
+logit by about lr whatever its gradient: the earlier 3x router lost to FORA). After each update the
+logits of steps >= 1 are shifted so the budget's boundary sits at logit 0, where the sigmoid's
+gradient is largest (a shift changes no ranking).
+Any single batch is noisy (a first step can re-rank FORA's tied pairs for the worse), so every
+`validate_every` iterations, and after the last, the router is scored by the final sample's squared
+error against the teacher on a fixed validation batch (its own noise, drawn apart from the training
+noise); the result keeps the best-scoring router, the start included.
 Only the model and Gaussian noise (and random class labels) are needed.
 """
 from __future__ import annotations
@@ -52,8 +53,8 @@ class TrainConfig:
     the image-error proxy against cache use (larger reuses more). threshold: a gate at or above it
     computes its branch. init_interval, init_logit: the start is FORA's schedule, every branch computed
     on steps that are multiples of `init_interval` (logit +init_logit) and reused on the others
-    (-init_logit); sigmoid(1) = 0.73 is close enough to the threshold for gates to cross it in a few
-    iterations at `lr`.
+    (-init_logit): close enough to the threshold for gates to cross it within training (about 12
+    iterations of a steady gradient of average size at the default lr and momentum).
     target_reuse: None (gates compute where they reach `threshold`), or the fraction of (step, branch)
     pairs after step 0 to reuse: every forward then computes exactly the rest, the highest gates
     (`beta` still pushes all gates down, but no longer changes the budget).
@@ -135,6 +136,8 @@ def train(model: Callable[..., torch.Tensor], shape: tuple[int, ...], *, config:
                 torch.randint(0, num_classes, (n,), generator=gen).to(device))
 
     names = student.branch_names(*_example(*draw(1), sampler))
+    if not names:
+        raise ValueError("train: the model has no cacheable branches (toca_fx.explain says why)")
     computed = torch.arange(config.num_steps, device=device) % config.init_interval == 0
     logits = (config.init_logit * (2 * computed.float() - 1))[:, None].repeat(1, len(names)).requires_grad_()
     optimizer = torch.optim.SGD([logits], lr=config.lr, momentum=config.momentum)
@@ -177,7 +180,7 @@ def _iteration(model: Callable[..., torch.Tensor], student: Student, sampler: Sa
     accumulates the logits' gradient; the objective."""
     teacher = _teacher(model, sampler, noise, labels)
     student.reset()
-    x, objective, pairs = noise, 0.0, max(1, (config.num_steps - 1) * logits.shape[1])
+    x, objective, pairs = noise, 0.0, (config.num_steps - 1) * logits.shape[1]
     for s, coeffs in enumerate(sampler.coefficients()):
         soft = torch.sigmoid(logits[s])
         student.gates = None if s == 0 else computes[s].float() + soft - soft.detach()  # step 0 fills the cache
