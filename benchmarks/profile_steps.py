@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from run import cases, cast_inputs, elapsed, generate  # run.py beside this file
+from run import build, call, cases, elapsed, generate  # run.py beside this file
 from toca_fx import ToCaBackend
 
 SETTINGS = {"ratio1": 0, "preset": 1, "n4r03": 2}  # positions in run.py's settings of each model
@@ -28,31 +28,27 @@ SETTINGS = {"ratio1": 0, "preset": 1, "n4r03": 2}  # positions in run.py's setti
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="dit", choices=["dit", "pixart1024", "pixart2048"])
-    parser.add_argument("--tiny", action="store_true", help="a tiny DiT on the CPU: a smoke run of this script")
+    parser.add_argument("--model", default="dit", choices=["dit", "pixart1024", "pixart2048", "flux"])
+    parser.add_argument("--tiny", action="store_true", help="a tiny model on the CPU (FLUX for --model flux, else DiT): a smoke run of this script")
     parser.add_argument("--setting", default="preset", choices=list(SETTINGS))
     parser.add_argument("--no-cudagraphs", action="store_true")
     parser.add_argument("--kernels", type=int, default=25, help="kernels listed")
     parser.add_argument("--out", type=Path, default=Path("benchmark-results"))
     args = parser.parse_args()
-    case = cases(tiny=True)["dit"] if args.tiny else cases(tiny=False)[args.model]
+    tiny = cases(tiny=True) if args.tiny else {}
+    case = tiny.get(args.model, tiny.get("dit")) if args.tiny else cases(tiny=False)[args.model]
     config = case.settings[SETTINGS[args.setting]][1]
     device = torch.device("cpu" if args.tiny else "cuda")
     dtype = torch.float32 if args.tiny else torch.bfloat16
-    torch.manual_seed(0)
-    with device:
-        model = case.build().to(device=device, dtype=dtype).eval()  # buffers made from numpy start on the CPU
-    x0, args_of = case.inputs(case.batch, device)
-    x0 = x0.to(dtype)
-    cast = cast_inputs(args_of, dtype)
+    model, x0, cast = build(case, device, dtype)
     backend = ToCaBackend(config)
     graphed = not (args.no_cudagraphs or args.tiny)
     fn = torch.compile(model, backend=backend, dynamic=False, mode="reduce-overhead" if graphed else None)
     with torch.no_grad():
-        generate(fn, x0, cast, case.steps)  # compiles every plan
-        generate(fn, x0, cast, case.steps)  # CUDA graphs: the second call of a plan captures it
-        plans = per_plan(backend, fn, x0, cast, case.steps)
-        kernels = kernel_table(fn, x0, cast, case.steps, args.kernels)
+        generate(fn, x0, cast, case.steps, cfg=case.cfg)  # compiles every plan
+        generate(fn, x0, cast, case.steps, cfg=case.cfg)  # CUDA graphs: the second call of a plan captures it
+        plans = per_plan(backend, fn, x0, cast, case.steps, case.cfg)
+        kernels = kernel_table(fn, x0, cast, case.steps, args.kernels, case.cfg)
     where = "CPU" if args.tiny else torch.cuda.get_device_name()
     title = f"{case.name}, {args.setting}, {'' if graphed else 'no '}CUDA graphs, {where}, torch {torch.__version__}"
     print(f"## {title}\n\n{plans_markdown(plans)}\n\n{kernels_markdown(kernels)}")
@@ -60,20 +56,20 @@ def main() -> None:
     (args.out / f"profile-{args.model}-{args.setting}.json").write_text(json.dumps({"title": title, "plans": plans, "kernels": kernels}, indent=1))
 
 
-def per_plan(backend: ToCaBackend, fn, x0, args_of, steps: int) -> list[dict]:
+def per_plan(backend: ToCaBackend, fn, x0, args_of, steps: int, cfg: bool) -> list[dict]:
     """One generation, each step timed alone; grouped by the plan each step ran."""
     graph = backend.graphs[0]
     times: dict[tuple, list[float]] = defaultdict(list)
     labels: dict[tuple, str] = {}
 
-    def timed(*args):
+    def timed(*args, **kwargs):
         label, key, _ = graph._plan(graph.state.step)
         out = []
-        times[key].append(elapsed(lambda: out.append(fn(*args)), x0.is_cuda) * 1e3)
+        times[key].append(elapsed(lambda: out.append(call(fn, kwargs or args)), x0.is_cuda) * 1e3)
         labels[key] = label
         return out[0]
 
-    generate(timed, x0, args_of, steps)
+    generate(timed, x0, args_of, steps, cfg=cfg)
     flops = graph.flops
     full_key = next(k for k, lab in labels.items() if lab == "full")
     rate = flops[full_key] / statistics.median(times[full_key])  # FLOPs per ms of the full step
@@ -91,13 +87,13 @@ def per_plan(backend: ToCaBackend, fn, x0, args_of, steps: int) -> list[dict]:
     return rows
 
 
-def kernel_table(fn, x0, args_of, steps: int, top: int) -> list[dict]:
+def kernel_table(fn, x0, args_of, steps: int, top: int, cfg: bool) -> list[dict]:
     """Kernels (CPU ops on the CPU) of one generation, by total time."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = x0.is_cuda
     with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
-        generate(fn, x0, args_of, steps)
+        generate(fn, x0, args_of, steps, cfg=cfg)
         if cuda:
             torch.cuda.synchronize()
     kind = torch.autograd.DeviceType.CUDA if cuda else torch.autograd.DeviceType.CPU

@@ -237,12 +237,7 @@ def elapsed(work: Callable, cuda: bool) -> float:
 def run_case(
     case: Case, device: torch.device, dtype: torch.dtype, repeats: int, modes: list, log: Callable, skip: str | None = None
 ) -> list[dict]:
-    torch.manual_seed(0)
-    with device, default_dtype(dtype if case.build_in_dtype else None):
-        model = case.build().to(device=device, dtype=dtype).eval()  # buffers made from numpy start on the CPU
-    x0, args_of = case.inputs(case.batch, device)
-    x0 = x0.to(dtype)
-    args_of = cast_inputs(args_of, dtype)
+    model, x0, args_of = build(case, device, dtype)
     rows, reference = [], None
     runs: list[tuple[str, Any, str | None]] = [("eager", None, None)]  # (setting, backend, mode)
     for mode in modes:
@@ -270,6 +265,15 @@ def run_case(
         log(row)
         del fn, backend
     return _relative(rows)
+
+
+def build(case: Case, device: torch.device, dtype: torch.dtype) -> tuple[torch.nn.Module, torch.Tensor, Callable]:
+    """The case's model (seeded weights), first latent and argument maker, on `device` in `dtype`."""
+    torch.manual_seed(0)
+    with device, default_dtype(dtype if case.build_in_dtype else None):
+        model = case.build().to(device=device, dtype=dtype).eval()  # buffers made from numpy start on the CPU
+    x0, args_of = case.inputs(case.batch, device)
+    return model, x0.to(dtype), cast_inputs(args_of, dtype)
 
 
 def cast_inputs(args_of: Callable, dtype: torch.dtype) -> Callable:
