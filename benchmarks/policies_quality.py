@@ -26,8 +26,8 @@ from typing import Any
 import torch
 
 from toca_fx import FORAPolicy, Router, ToCaBackend, ToCaConfig
-from toca_fx.metrics import (classifier_accuracy, classifier_features, digits_frechet_distance, feature_statistics,
-                             frechet_distance, psnr)
+from toca_fx.metrics import (classifier_accuracy, classifier_features, digits_frechet_distance,
+                             features_frechet_distance, psnr)
 from toca_fx.models.digits import load_digits_classifier, load_digits_dit
 from toca_fx.router import TrainConfig, train
 from toca_fx.sampling import ddim_sample
@@ -146,11 +146,9 @@ def paired_fd_gap(classifier: Any, images: torch.Tensor, baseline: torch.Tensor,
     at the same sample indices (sample i of each comes from the same noise and label), so the interval
     is that of the difference, much narrower than that of either distance."""
     a, b = classifier_features(classifier, images), classifier_features(classifier, baseline)
-    ref = (classifier.ref_mu.cpu(), classifier.ref_cov.cpu())
 
     def gap(index: torch.Tensor) -> float:
-        return (frechet_distance(*feature_statistics(a[index]), *ref)
-                - frechet_distance(*feature_statistics(b[index]), *ref))
+        return features_frechet_distance(classifier, a[index]) - features_frechet_distance(classifier, b[index])
 
     gen = torch.Generator().manual_seed(seed)
     gaps = torch.tensor([gap(torch.randint(0, len(a), (len(a),), generator=gen)) for _ in range(resamples)])

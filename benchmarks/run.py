@@ -181,14 +181,13 @@ def generate(
     without (a guidance-distilled model such as FLUX.1-dev, which takes its guidance as an input)."""
     x = x0.clone()
     for i in range(steps):
-        if not cfg:
-            t = torch.full((x.shape[0],), 999.0 * (1 - i / steps), device=x.device)
-            x = x - (1.0 / steps) * _output(call(fn, args_of(x, t)))
-            continue
-        t = torch.full((2 * x.shape[0],), 999.0 * (1 - i / steps), device=x.device)
-        out = _output(call(fn, args_of(torch.cat([x, x]), t)))[:, : x.shape[1]]
-        cond, uncond = out.chunk(2)
-        x = x - (1.0 / steps) * (uncond + guidance * (cond - uncond))
+        batch = torch.cat([x, x]) if cfg else x
+        t = torch.full((batch.shape[0],), 999.0 * (1 - i / steps), device=x.device)
+        out = _output(call(fn, args_of(batch, t)))[:, : x.shape[1]]  # learned sigma: its channels dropped
+        if cfg:
+            cond, uncond = out.chunk(2)
+            out = uncond + guidance * (cond - uncond)
+        x = x - (1.0 / steps) * out
     return x
 
 

@@ -93,8 +93,12 @@ def frechet_distance(
 
 def digits_frechet_distance(classifier: DigitClassifier, images: torch.Tensor) -> float:
     """Frechet distance of `images` to the real digits, in the classifier's feature space."""
-    mu, cov = feature_statistics(classifier_features(classifier, images))
-    return frechet_distance(mu, cov, classifier.ref_mu.cpu(), classifier.ref_cov.cpu())
+    return features_frechet_distance(classifier, classifier_features(classifier, images))
+
+
+def features_frechet_distance(classifier: DigitClassifier, features: torch.Tensor) -> float:
+    """Frechet distance of classifier features [N, F] to the real digits' (the classifier's reference)."""
+    return frechet_distance(*feature_statistics(features), classifier.ref_mu.cpu(), classifier.ref_cov.cpu())
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor, data_range: float = 2.0) -> torch.Tensor:

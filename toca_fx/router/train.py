@@ -132,8 +132,7 @@ def train(model: Callable[..., torch.Tensor], shape: tuple[int, ...], *, config:
     device = next(model.parameters()).device if isinstance(model, torch.nn.Module) else torch.device("cpu")
 
     def draw(n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return (torch.randn((n, *shape), generator=gen).to(device),
-                torch.randint(0, num_classes, (n,), generator=gen).to(device))
+        return _draw(gen, n, shape, num_classes, device)
 
     names = student.branch_names(*_example(*draw(1), sampler))
     if not names:
@@ -211,9 +210,15 @@ def _validation_set(model: Callable[..., torch.Tensor], sampler: Sampler, config
                     shape: tuple[int, ...], num_classes: int, device: torch.device) -> tuple[torch.Tensor, ...]:
     """(noise, labels, the teacher's final sample): fixed, from a generator apart from the training noise."""
     gen = torch.Generator().manual_seed(config.seed + 1)
-    noise = torch.randn((config.validate_batch, *shape), generator=gen).to(device)
-    labels = torch.randint(0, num_classes, (config.validate_batch,), generator=gen).to(device)
+    noise, labels = _draw(gen, config.validate_batch, shape, num_classes, device)
     return noise, labels, _teacher(model, sampler, noise, labels)[-1]
+
+
+def _draw(gen: torch.Generator, n: int, shape: tuple[int, ...], num_classes: int,
+          device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """n noise samples of `shape` and n random class labels, from `gen` (on the CPU: reproducible)."""
+    return (torch.randn((n, *shape), generator=gen).to(device),
+            torch.randint(0, num_classes, (n,), generator=gen).to(device))
 
 
 @torch.no_grad()
