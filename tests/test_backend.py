@@ -58,7 +58,8 @@ def test_only_the_caches_some_step_uses_are_allocated():
     state = backend.graphs[0].state
     allocated = {s.name for s, b in zip(state.specs, state.stream_buffers[0]) if b.numel()}
     mlp = {s.name for s in state.specs if any(s.name.startswith(f"b{b.index}_") for b in backend.graphs[0].analysis.branches if b.kind == "mlp")}
-    assert any(n.endswith("_cache") for n in mlp) and allocated == mlp
+    # Per-token state is one stack for all branches (rows of 16 floats): the MLPs' rows allocate it.
+    assert any(n.endswith("_cache") for n in mlp) and allocated == mlp | {"stale_n16"}
 
 
 @pytest.mark.parametrize("name", list(MODELS))

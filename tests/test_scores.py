@@ -1,6 +1,7 @@
+import pytest
 import torch
 
-from toca_fx.scores import refresh_scores, select_tokens
+from toca_fx.scores import refresh_scores, select_batch, select_tokens
 
 
 def _state(x):
@@ -137,3 +138,33 @@ def test_random_baseline_follows_the_seed():
         stale, ref = _state(x)
         picks.append(select_tokens(x, stale, ref, 6, (("random", 1.0),)))
     assert torch.equal(picks[0], picks[1])
+
+
+def test_a_batched_choice_is_each_branchs_own_choice():
+    # Three branches of a 4x4 grid: stale rows 2, 0, 3 of a stack of 4 (not consecutive), reading
+    # attention rows 1, 1, 0 and entropy rows 0, 1, 1, choosing 3, 5 and 3 tokens (sorted top-k).
+    g = torch.Generator().manual_seed(0)
+    weights = (("attention", 1.0), ("cross_entropy", 0.5), ("spatial", 0.6), ("staleness", 0.25))
+    stack = torch.randint(0, 4, (4, 16), generator=g).float()
+    attention, entropy = torch.rand(2, 16, generator=g), torch.rand(2, 16, generator=g)
+    rows, ks, attn_rows, ent_rows = (2, 0, 3), (3, 5, 3), (1, 1, 0), (0, 1, 1)
+    own = [stack[r].clone() for r in rows]
+    untouched = stack[1].clone()
+    idx = select_batch(stack, rows, ks, weights, attention, attn_rows, entropy, ent_rows, (4, 4))
+    x = torch.full((2, 16, 8), float("nan"))  # never read without the "change" score
+    for i, (stale, k) in enumerate(zip(own, ks)):
+        alone = select_tokens(x, stale, None, k, weights, attention[attn_rows[i]], entropy[ent_rows[i]], (4, 4))
+        assert sorted(idx[i].tolist()) == sorted(alone.tolist())
+        assert torch.equal(stack[rows[i]], stale)
+    assert torch.equal(stack[1], untouched)
+
+
+def test_batched_spatial_bonus_is_the_bonus_of_each_row():
+    score = torch.rand(3, 2, 5 * 7)  # odd grid sizes: padded cells
+    rows = torch.stack([torch.stack([spatial_bonus(r, (5, 7)) for r in b]) for b in score])
+    assert torch.equal(spatial_bonus(score, (5, 7)), rows)
+
+
+def test_batched_choice_refuses_the_score_that_reads_the_stream():
+    with pytest.raises(ValueError, match="change"):
+        select_batch(torch.zeros(1, 4), (0,), (2,), (("change", 1.0),))

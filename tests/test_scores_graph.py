@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from toca_fx import ToCaBackend, ToCaConfig
-from toca_fx.scores import select_tokens
+from toca_fx.scores import influence_from_map, select_batch, select_tokens
 
 from .helpers import step_inputs, tiny_dit, tiny_pixart
 
@@ -29,28 +29,40 @@ def _buffers(backend):
 
 def test_fused_attention_map_equals_the_written_out_one():
     config = ToCaConfig(interval=4, num_steps=4, inner="eager", scores={"attention": 1.0})
-    maps = [_buffers(_run(tiny_dit(kind), config, steps=1)[0])["b0_attn"] for kind in ("sdpa", "manual")]
+    maps = [_buffers(_run(tiny_dit(kind), config, steps=1)[0])["attn_n16"][0] for kind in ("sdpa", "manual")]
     torch.testing.assert_close(maps[0], maps[1])
     sampled = _buffers(_run(tiny_dit(), replace(config, attention_queries=4), steps=1)[0])
-    assert torch.nn.functional.cosine_similarity(sampled["b0_attn"], maps[0], dim=0) > 0.9
+    assert torch.nn.functional.cosine_similarity(sampled["attn_n16"][0], maps[0], dim=0) > 0.9
 
 
 def test_each_branch_reads_its_blocks_maps_and_the_grid_of_the_patch_embedding():
     backend, _ = _run(tiny_pixart("manual"), ToCaConfig(interval=4, num_steps=4, inner="eager", scores=TOCA))
     graph = backend.graphs[0].variant_graph("partial")
-    reads = {
-        str(n.args[1]): (str(n.args[5]), str(n.args[6]), n.args[7])
-        for n in graph.graph.nodes if n.target is select_tokens
-    }
-    # Blocks are (self-attention, cross-attention, MLP): branches 0-2 and 3-5.
-    assert reads == {
-        "toca_b1_stale": ("toca_b0_attn", "toca_b1_ent", (4, 4)),
-        "toca_b2_stale": ("toca_b0_attn", "toca_b1_ent", (4, 4)),
-        "toca_b4_stale": ("toca_b3_attn", "toca_b4_ent", (4, 4)),
-        "toca_b5_stale": ("toca_b3_attn", "toca_b4_ent", (4, 4)),
-    }
+    # Blocks are (self-attention, cross-attention, MLP): branches 0-2 and 3-5. The scored branches
+    # (1, 2, 4, 5) own the staleness rows 0-3; the attention maps are the self-attentions' (0, 3), the
+    # entropies the cross-attentions' (1, 4), one row per block in each stack.
+    (batch,) = [n for n in graph.graph.nodes if n.target is select_batch]
+    stale, rows, ks, _, attn, attn_rows, ent, ent_rows, grid = batch.args
+    assert (stale.name, attn.name, ent.name) == ("toca_stale_n16", "toca_attn_n16", "toca_ent_n16")
+    assert (rows, attn_rows, ent_rows, grid) == ((0, 1, 2, 3), (0, 0, 1, 1), (0, 0, 1, 1), (4, 4))
+    assert ks == (5, 5, 5, 5)  # ceil(0.3 x 16)
+    assert not [n for n in graph.graph.nodes if n.target is select_tokens]
     buffers = _buffers(backend)
-    assert all(buffers[name].norm() > 0.99 for name in ("b0_attn", "b1_ent", "b3_attn", "b4_ent"))
+    assert all(buffers[name][row].norm() > 0.99 for name in ("attn_n16", "ent_n16") for row in (0, 1))
+
+
+def test_a_map_refilled_in_the_step_is_read_after_it_is_filled():
+    # Self-attention recomputes every token on partial steps (factor 4 x 0.3 clamps to 1): it refills its
+    # map there, so the MLP of its block chooses after it, from the new map, not at the start of the step.
+    config = ToCaConfig(interval=4, num_steps=4, inner="eager", scores=TOCA, self_attn="recompute",
+                        kind_factors={"self_attn": 4.0})
+    graph = _run(tiny_pixart("manual"), config)[0].graphs[0].variant_graph("partial")
+    nodes = list(graph.graph.nodes)
+    fills = [i for i, n in enumerate(nodes) if n.target is influence_from_map]
+    picks = {str(n.args[1]): i for i, n in enumerate(nodes) if n.target is select_tokens}
+    assert not [n for n in nodes if n.target is select_batch]
+    assert len(fills) == 2 and len(picks) == 4
+    assert all(i > fills[0] for i in picks.values()) and min(picks.values()) < fills[1]
 
 
 def test_inductor_compiles_the_combined_score_like_eager():
@@ -73,7 +85,8 @@ def test_scores_from_state_alone_keep_no_reference_norm_and_do_not_read_the_stre
     # The same scores and the "change" score: each scored branch keeps its reference norms.
     with_change = ToCaConfig(interval=4, num_steps=4, inner="eager", scores={**TOCA, "change": 1.0})
     refs = [s for s in _run(tiny_pixart("manual"), with_change)[0].graphs[0].state.specs if s.name.endswith("_ref")]
-    assert len(refs) == len([s for s in graph.state.specs if s.name.endswith("_stale")]) > 0
+    (stale,) = [s for s in graph.state.specs if s.name.startswith("stale_")]
+    assert len(refs) == stale.shape[0] > 0
     stale = torch.zeros(16)
     idx = select_tokens(torch.full((2, 16, 8), float("nan")), stale, None, 4, (("staleness", 1.0),))
     assert idx.numel() == 4 and torch.isfinite(stale).all()  # a NaN stream is never read

@@ -17,7 +17,7 @@ import torch.fx as fx
 from .analysis.residual import find_branches
 from .analysis.tokens import shape
 from .config import ToCaConfig
-from .rewrite.variants import buffer_specs
+from .rewrite.variants import branch_bytes
 
 
 @dataclass
@@ -69,7 +69,7 @@ def explain(model: Any, *args: Any, **kwargs: Any) -> Report:
 
 def _add_graph(report: Report, index: int, gm: fx.GraphModule) -> None:
     analysis = find_branches(gm.graph)
-    specs = buffer_specs(analysis, ToCaConfig())
+    nbytes = branch_bytes(analysis, ToCaConfig())
     for b in analysis.branches:
         report.branches.append({
             "graph": index,
@@ -77,7 +77,7 @@ def _add_graph(report: Report, index: int, gm: fx.GraphModule) -> None:
             "kind": b.kind,
             "tokens": b.tokens,
             "hidden": shape(b.out)[-1],
-            "cache_bytes": sum(s.nbytes for s in specs if s.name.startswith(f"b{b.index}_")),
+            "cache_bytes": nbytes[b.index],
         })
     for r in analysis.rejected:
         report.not_cached.append({"what": f"graph {index} {r.name}", "why": r.reason})

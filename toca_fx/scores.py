@@ -53,26 +53,56 @@ def select_tokens(
     state alone costs no pass over the stream).
     """
     w = dict(weights)
-    score = torch.zeros_like(staleness)
-    if w.get("staleness"):
-        score = score + w["staleness"] * staleness
+    change = None
     if w.get("change"):
         norm = token_norm(x)
         change = (norm - ref_norm).abs()
-        score = score + w["change"] * change / (1 + change)
-    if w.get("attention") and attention is not None:
-        score = score + w["attention"] * attention
-    if w.get("cross_entropy") and entropy is not None:
-        score = score + w["cross_entropy"] * entropy
-    if w.get("random"):
-        score = score + w["random"] * torch.rand(score.shape, device=score.device)
-    if w.get("spatial") and grid is not None:
-        score = score + w["spatial"] * spatial_bonus(score, grid)
+    score = _combine(w, staleness, attention, entropy, grid, change)
     idx = torch.topk(score, k, sorted=False).indices
     staleness.add_(1).index_fill_(0, idx, 0)
     if w.get("change"):
         ref_norm.index_copy_(0, idx, norm.index_select(0, idx))
     return idx
+
+
+def select_batch(
+    staleness: torch.Tensor,
+    rows: tuple[int, ...],
+    ks: tuple[int, ...],
+    weights: tuple[tuple[str, float], ...],
+    attention: torch.Tensor | None = None,
+    attention_rows: tuple[int, ...] = (),
+    entropy: torch.Tensor | None = None,
+    entropy_rows: tuple[int, ...] = (),
+    grid: tuple[int, ...] | None = None,
+) -> list[torch.Tensor]:
+    """`select_tokens` for many branches at once, for scores that read no stream ("change" off): one
+    batched top-k at the start of a step instead of a score, a top-k and a staleness update per branch.
+
+    `staleness` [S, N] stacks the branches' staleness; branch i of the choice owns row `rows[i]` and
+    picks `ks[i]` tokens. `attention` [A, N] and `entropy` [E, N] stack the maps, branch i reading
+    their rows `attention_rows[i]` and `entropy_rows[i]`. Returns each branch's indices; updates the
+    staleness rows as `select_tokens` would.
+    """
+    w = dict(weights)
+    if w.get("change"):
+        raise ValueError("select_batch: the 'change' score reads the stream; use select_tokens")
+    stale = _stack_rows(staleness, rows)
+    attn = _stack_rows(attention, attention_rows) if attention is not None else None
+    ent = _stack_rows(entropy, entropy_rows) if entropy is not None else None
+    score = _combine(w, stale, attn, ent, grid)
+    k_max = max(ks)
+    # Equal ks: any order. Unequal: sorted, so each row's first k are its top k.
+    top = torch.topk(score, k_max, dim=-1, sorted=len(set(ks)) > 1).indices
+    keep = torch.arange(k_max, device=top.device) < torch.tensor(ks, device=top.device)[:, None]
+    chosen = torch.zeros(score.shape, dtype=torch.bool, device=score.device).scatter_(1, top, keep)
+    updated = torch.where(chosen, 0.0, stale + 1)
+    span = _span(rows)
+    if span is not None:
+        staleness[span].copy_(updated)
+    else:
+        staleness.index_copy_(0, torch.tensor(rows, device=top.device), updated)
+    return [top[i, :k] for i, k in enumerate(ks)]
 
 
 def refresh_scores(x: torch.Tensor, staleness: torch.Tensor, ref_norm: torch.Tensor | None = None) -> torch.Tensor:
@@ -82,19 +112,55 @@ def refresh_scores(x: torch.Tensor, staleness: torch.Tensor, ref_norm: torch.Ten
     return staleness.zero_()
 
 
+def _combine(
+    w: dict[str, float],
+    staleness: torch.Tensor,
+    attention: torch.Tensor | None,
+    entropy: torch.Tensor | None,
+    grid: tuple[int, ...] | None,
+    change: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The weighted score of per-token state [..., N] (and of the stream's `change`, if given)."""
+    score = torch.zeros_like(staleness)
+    if w.get("staleness"):
+        score = score + w["staleness"] * staleness
+    if change is not None:
+        score = score + w["change"] * change / (1 + change)
+    if w.get("attention") and attention is not None:
+        score = score + w["attention"] * attention
+    if w.get("cross_entropy") and entropy is not None:
+        score = score + w["cross_entropy"] * entropy
+    if w.get("random"):
+        score = score + w["random"] * torch.rand(score.shape, device=score.device)
+    if w.get("spatial") and grid is not None:
+        score = score + w["spatial"] * spatial_bonus(score, grid)
+    return score
+
+
+def _span(rows: tuple[int, ...]) -> slice | None:
+    """`rows` as a slice if they are consecutive and ascending (a view, no gather), else None."""
+    return slice(rows[0], rows[-1] + 1) if list(rows) == list(range(rows[0], rows[0] + len(rows))) else None
+
+
+def _stack_rows(stack: torch.Tensor, rows: tuple[int, ...]) -> torch.Tensor:
+    span = _span(rows)
+    return stack[span] if span is not None else stack.index_select(0, torch.tensor(rows, device=stack.device))
+
+
 def spatial_bonus(score: torch.Tensor, grid: tuple[int, ...]) -> torch.Tensor:
-    """[N]: each grid cell's best-scoring token keeps its score, the others get 0 (ties: the first)."""
-    nd = len(grid)
+    """[..., N]: each grid cell's best-scoring token keeps its score, the others get 0 (ties: the first)."""
+    lead, nd = score.shape[:-1], len(grid)
     pad = [p for size in reversed(grid) for p in (0, -size % CELL)]
-    g = F.pad(score.view(grid), pad, value=-math.inf)  # odd sizes: a padded position never wins its cell
-    cells = [s // CELL for s in g.shape]
-    # [c0, CELL, c1, CELL, ...] -> [c0, c1, ..., CELL, CELL, ...]: each cell's tokens on the last axes.
-    order = [*range(0, 2 * nd, 2), *range(1, 2 * nd, 2)]
-    blocks = g.reshape([d for c in cells for d in (c, CELL)]).permute(order)
-    per_cell = blocks.reshape(*cells, -1)
+    g = F.pad(score.reshape(*lead, *grid), pad, value=-math.inf)  # odd sizes: a padded position never wins its cell
+    cells = [s // CELL for s in g.shape[len(lead):]]
+    # [..., c0, CELL, c1, CELL, ...] -> [..., c0, c1, ..., CELL, CELL, ...]: each cell's tokens on the last axes.
+    first = len(lead)
+    order = [*range(first), *range(first, first + 2 * nd, 2), *range(first + 1, first + 2 * nd, 2)]
+    blocks = g.reshape(*lead, *[d for c in cells for d in (c, CELL)]).permute(order)
+    per_cell = blocks.reshape(*lead, *cells, -1)
     best = F.one_hot(per_cell.argmax(dim=-1), per_cell.shape[-1]).to(score.dtype).reshape(blocks.shape)
-    mask = best.permute([order.index(i) for i in range(2 * nd)]).reshape(g.shape)
-    return score * mask[tuple(slice(0, s) for s in grid)].reshape(-1)
+    mask = best.permute([order.index(i) for i in range(len(order))]).reshape(g.shape)
+    return score * mask[(..., *(slice(0, s) for s in grid))].reshape(score.shape)
 
 
 def attention_influence(
@@ -136,5 +202,5 @@ def entropy_from_map(probs: torch.Tensor, out: torch.Tensor, tok: int) -> torch.
 
 
 SIDE_EFFECTS.update(
-    {select_tokens, refresh_scores, attention_influence, influence_from_map, cross_entropy, entropy_from_map}
+    {select_tokens, select_batch, refresh_scores, attention_influence, influence_from_map, cross_entropy, entropy_from_map}
 )
