@@ -24,6 +24,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from . import attention_columns
 from .rewrite.ops import SIDE_EFFECTS
 
 SCORES = ("attention", "cross_entropy", "staleness", "spatial", "change", "random")
@@ -168,7 +169,12 @@ def attention_influence(
 ) -> torch.Tensor:
     """Fill `out` [N] with the attention each of the stream's N keys (from `start` on the key axis)
     receives, summed over queries, heads and batch and L2-normalised. q, k: [..., L, d]; `queries` > 0
-    estimates the map from that many evenly spaced queries (fused attention keeps no map)."""
+    estimates the map from that many evenly spaced queries (fused attention keeps no map). On the GPU
+    one Triton kernel (`toca_fx.attention_columns`) computes it without writing out the map."""
+    if attention_columns.supports(q, k):
+        scale = q.shape[-1] ** -0.5 if scale is None else scale
+        cols = attention_columns.column_sums(q, k, queries, scale)[start : start + out.shape[0]]
+        return out.copy_(F.normalize(cols, dim=0))
     if 0 < queries < q.shape[-2]:
         q = q[..., :: q.shape[-2] // queries, :][..., :queries, :]
     return influence_from_map(_probs(q, k, scale), out, start)
