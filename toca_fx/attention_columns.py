@@ -68,7 +68,7 @@ if triton is not None:
             cols = start + tl.arange(0, BLOCK_K)
             k_mask = (cols < keys)[:, None] & (d < dim)[None, :]
             k = tl.load(k_ptr + (bh * keys + cols)[:, None] * dim + d[None, :], mask=k_mask, other=0.0)
-            s = tl.dot(q, tl.trans(k)) * scale
+            s = (tl.dot(q, tl.trans(k)) * scale).to(tl.float32)  # Inductor may pass the scale as float64
             s = tl.where((cols < keys)[None, :], s, float("-inf"))
             m_new = tl.maximum(m, tl.max(s, axis=1))
             s_sum = s_sum * tl.exp(m - m_new) + tl.sum(tl.exp(s - m_new[:, None]), axis=1)
@@ -79,7 +79,7 @@ if triton is not None:
             cols = start + tl.arange(0, BLOCK_K)
             k_mask = (cols < keys)[:, None] & (d < dim)[None, :]
             k = tl.load(k_ptr + (bh * keys + cols)[:, None] * dim + d[None, :], mask=k_mask, other=0.0)
-            s = tl.dot(q, tl.trans(k)) * scale
+            s = (tl.dot(q, tl.trans(k)) * scale).to(tl.float32)  # Inductor may pass the scale as float64
             p = tl.exp(s - m[:, None]) / s_sum[:, None]
             p = tl.where((rows < n)[:, None] & (cols < keys)[None, :], p, 0.0)
             tl.store(out_row + cols, tl.sum(p, axis=0), mask=cols < keys)
