@@ -34,16 +34,28 @@ def test_column_sums_match_float64(queries: int, dtype: torch.dtype):
     assert got.sum().item() == pytest.approx(2 * 3 * (queries or 300), rel=1e-5)  # each query's row sums to 1
 
 
+def test_the_kernel_is_taken_only_where_its_grid_fills_the_gpu():
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    q = torch.zeros(1, sms, 64, 72, device="cuda", dtype=torch.bfloat16)  # one program per head
+    assert attention_columns.supports(q, q, 64)
+    assert not attention_columns.supports(q[:, 1:], q[:, 1:], 64)
+    assert not attention_columns.supports(q.float(), q.float(), 64)
+
+
 def test_compiled_map_matches_the_torch_path():
-    # Inductor compiles the kernel into the full step (bf16 on the GPU); the CPU float32 run takes the
-    # torch path. The maps agree to bf16 precision.
+    # Inductor compiles the kernel into the full step (bf16 on the GPU, a batch that gives every
+    # multiprocessor a program: 2 heads, 8 sampled queries, one tile each); the CPU float32 run takes
+    # the torch path. The maps agree to bf16 precision.
+    batch = -(-torch.cuda.get_device_properties(0).multi_processor_count // 2)
+    probe = torch.zeros(batch, 2, 16, 16, device="cuda", dtype=torch.bfloat16)  # tiny_dit's q and k
+    assert attention_columns.supports(probe, probe, 8)
     config = ToCaConfig(interval=4, num_steps=4, scores={"attention": 1.0}, attention_queries=8)
     maps = []
     for device, dtype in (("cuda", torch.bfloat16), ("cpu", torch.float32)):
         model = tiny_dit().to(device, dtype)
         backend = ToCaBackend(config)
         fast = torch.compile(model, backend=backend, dynamic=False)
-        x, t, y = step_inputs(model, 1)[0]
+        x, t, y = step_inputs(model, 1, batch=batch)[0]
         with torch.no_grad():
             fast(x.to(device, dtype), t.to(device, dtype), y.to(device))
         state = backend.graphs[0].state

@@ -169,9 +169,10 @@ def attention_influence(
 ) -> torch.Tensor:
     """Fill `out` [N] with the attention each of the stream's N keys (from `start` on the key axis)
     receives, summed over queries, heads and batch and L2-normalised. q, k: [..., L, d]; `queries` > 0
-    estimates the map from that many evenly spaced queries (fused attention keeps no map). On the GPU
-    one Triton kernel (`toca_fx.attention_columns`) computes it without writing out the map."""
-    if attention_columns.supports(q, k):
+    estimates the map from that many evenly spaced queries (fused attention keeps no map). On the GPU,
+    where its grid fills the device, one Triton kernel (`toca_fx.attention_columns`) computes it
+    without writing out the map."""
+    if attention_columns.supports(q, k, queries):
         scale = q.shape[-1] ** -0.5 if scale is None else scale
         cols = attention_columns.column_sums(q, k, queries, scale)[start : start + out.shape[0]]
         return out.copy_(F.normalize(cols, dim=0))
