@@ -24,6 +24,7 @@ from .policies.toca import BranchPlan, ToCaPolicy, drop_dead_fills, plan_key
 from .rewrite.variants import buffer_specs, build_variant, tag_branch
 from .shapes import PerShape
 from .state import CacheState
+from .store_placement import PlaceStores
 
 
 class ToCaWarning(UserWarning):
@@ -221,7 +222,7 @@ class CachedGraph:
         # Captures assume fixed buffers; separate call streams pass different ones.
         graphed = self.options.get("mode") == "reduce-overhead" and inputs[0].is_cuda and len(self.state.steps) == 1
         options = {k: v for k, v in self.options.items() if not (graphed and k == "mode")}
-        options["options"] = {**patches, **(options.get("options") or {})}
+        options["options"] = {"post_grad_custom_post_pass": PlaceStores(), **patches, **(options.get("options") or {})}
         fn = _compile(gm, inputs, self.config.inner, options)
         if not graphed:
             return fn
