@@ -16,9 +16,11 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def _reference(q: torch.Tensor, k: torch.Tensor, queries: int, scale: float) -> torch.Tensor:
-    if 0 < queries < q.shape[-2]:
-        q = q[..., :: q.shape[-2] // queries, :][..., :queries, :]
+def _sampled(q: torch.Tensor, queries: int) -> torch.Tensor:
+    return q[..., :: q.shape[-2] // queries, :][..., :queries, :] if 0 < queries < q.shape[-2] else q
+
+
+def _reference(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
     return ((q.double() @ k.double().transpose(-2, -1)) * scale).softmax(dim=-1).sum(dim=(0, 1, 2))
 
 
@@ -29,17 +31,18 @@ def test_column_sums_match_float64(queries: int, dtype: torch.dtype):
     # 300 keys (not a multiple of the tile), head dim 72 (DiT-XL/2's), strided views of a fused projection.
     qkv = torch.randn(2, 300, 3, 3, 72, device="cuda", generator=g).to(dtype)
     q, k, _ = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-    got = attention_columns.column_sums(q, k, queries, 72 ** -0.5)
-    torch.testing.assert_close(got.double(), _reference(q, k, queries, 72 ** -0.5), rtol=1e-4, atol=1e-5)
+    q = _sampled(q, queries)
+    got = attention_columns.column_sums(q, k, 72 ** -0.5)
+    torch.testing.assert_close(got.double(), _reference(q, k, 72 ** -0.5), rtol=1e-4, atol=1e-5)
     assert got.sum().item() == pytest.approx(2 * 3 * (queries or 300), rel=1e-5)  # each query's row sums to 1
 
 
 def test_the_kernel_is_taken_only_where_its_grid_fills_the_gpu():
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     q = torch.zeros(1, sms, 64, 72, device="cuda", dtype=torch.bfloat16)  # one program per head
-    assert attention_columns.supports(q, q, 64)
-    assert not attention_columns.supports(q[:, 1:], q[:, 1:], 64)
-    assert not attention_columns.supports(q.float(), q.float(), 64)
+    assert attention_columns.supports(q, q)
+    assert not attention_columns.supports(q[:, 1:], q[:, 1:])
+    assert not attention_columns.supports(q.float(), q.float())
 
 
 def test_compiled_map_matches_the_torch_path():
@@ -47,8 +50,9 @@ def test_compiled_map_matches_the_torch_path():
     # multiprocessor a program: 2 heads, 8 sampled queries, one tile each); the CPU float32 run takes
     # the torch path. The maps agree to bf16 precision.
     batch = -(-torch.cuda.get_device_properties(0).multi_processor_count // 2)
-    probe = torch.zeros(batch, 2, 16, 16, device="cuda", dtype=torch.bfloat16)  # tiny_dit's q and k
-    assert attention_columns.supports(probe, probe, 8)
+    q = torch.zeros(batch, 2, 8, 16, device="cuda", dtype=torch.bfloat16)  # tiny_dit's 8 sampled queries
+    k = torch.zeros(batch, 2, 16, 16, device="cuda", dtype=torch.bfloat16)  # and its 16 keys
+    assert attention_columns.supports(q, k)
     config = ToCaConfig(interval=4, num_steps=4, scores={"attention": 1.0}, attention_queries=8)
     maps = []
     for device, dtype in (("cuda", torch.bfloat16), ("cpu", torch.float32)):

@@ -23,7 +23,7 @@ BLOCK_Q, BLOCK_K = 64, 64
 _DTYPES = (torch.bfloat16, torch.float16)  # float32 would run its products in tf32: torch's path instead
 
 
-def supports(q: torch.Tensor, k: torch.Tensor, queries: int) -> bool:
+def supports(q: torch.Tensor, k: torch.Tensor) -> bool:
     """Whether `column_sums` takes these queries and keys, and has a program for every multiprocessor:
     each program walks all keys twice, so a grid smaller than the GPU is slower than torch's path
     (PixArt-1024: 32 programs for 4096 keys, 1.9x over Inductor against 2.0x with torch's)."""
@@ -33,17 +33,14 @@ def supports(q: torch.Tensor, k: torch.Tensor, queries: int) -> bool:
         and q.dtype == k.dtype and q.dtype in _DTYPES
     ):
         return False
-    n = queries if 0 < queries < q.shape[-2] else q.shape[-2]
-    programs = q.shape[0] * q.shape[1] * triton.cdiv(n, BLOCK_Q)
+    programs = q.shape[0] * q.shape[1] * triton.cdiv(q.shape[-2], BLOCK_Q)
     return programs >= torch.cuda.get_device_properties(q.device).multi_processor_count
 
 
-def column_sums(q: torch.Tensor, k: torch.Tensor, queries: int, scale: float) -> torch.Tensor:
-    """[L_k] float32: softmax(q k^T * scale) over the keys, summed over batch, heads and the `queries`
-    evenly spaced queries (every L_q // queries-th from the first; 0 or >= L_q: all)."""
-    batch, heads, length, dim = q.shape
-    if 0 < queries < length:
-        q = q[..., :: length // queries, :][..., :queries, :]
+def column_sums(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """[L_k] float32: softmax(q k^T * scale) over the keys, summed over batch, heads and queries (the
+    caller samples the queries)."""
+    batch, heads, _, dim = q.shape
     # Contiguous, so the kernel's addressing holds whatever layout Inductor gives the inputs.
     q, k = q.contiguous(), k.contiguous()
     n, keys = q.shape[-2], k.shape[-2]

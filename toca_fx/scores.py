@@ -97,12 +97,7 @@ def select_batch(
     top = torch.topk(score, k_max, dim=-1, sorted=len(set(ks)) > 1).indices
     keep = torch.arange(k_max, device=top.device) < torch.tensor(ks, device=top.device)[:, None]
     chosen = torch.zeros(score.shape, dtype=torch.bool, device=score.device).scatter_(1, top, keep)
-    updated = torch.where(chosen, 0.0, stale + 1)
-    span = _span(rows)
-    if span is not None:
-        staleness[span].copy_(updated)
-    else:
-        staleness.index_copy_(0, torch.tensor(rows, device=top.device), updated)
+    _put_rows(staleness, rows, torch.where(chosen, 0.0, stale + 1))
     return [top[i, :k] for i, k in enumerate(ks)]
 
 
@@ -148,6 +143,15 @@ def _stack_rows(stack: torch.Tensor, rows: tuple[int, ...]) -> torch.Tensor:
     return stack[span] if span is not None else stack.index_select(0, torch.tensor(rows, device=stack.device))
 
 
+def _put_rows(stack: torch.Tensor, rows: tuple[int, ...], values: torch.Tensor) -> None:
+    """The inverse of `_stack_rows`: write `values` into those rows of `stack`, in place."""
+    span = _span(rows)
+    if span is not None:
+        stack[span].copy_(values)
+    else:
+        stack.index_copy_(0, torch.tensor(rows, device=stack.device), values)
+
+
 def spatial_bonus(score: torch.Tensor, grid: tuple[int, ...]) -> torch.Tensor:
     """[..., N]: each grid cell's best-scoring token keeps its score, the others get 0 (ties: the first)."""
     lead, nd = score.shape[:-1], len(grid)
@@ -172,19 +176,22 @@ def attention_influence(
     estimates the map from that many evenly spaced queries (fused attention keeps no map). On the GPU,
     where its grid fills the device, one Triton kernel (`toca_fx.attention_columns`) computes it
     without writing out the map."""
-    if attention_columns.supports(q, k, queries):
-        scale = q.shape[-1] ** -0.5 if scale is None else scale
-        cols = attention_columns.column_sums(q, k, queries, scale)[start : start + out.shape[0]]
-        return out.copy_(F.normalize(cols, dim=0))
     if 0 < queries < q.shape[-2]:
         q = q[..., :: q.shape[-2] // queries, :][..., :queries, :]
+    if attention_columns.supports(q, k):
+        scale = q.shape[-1] ** -0.5 if scale is None else scale
+        return _fill_influence(attention_columns.column_sums(q, k, scale), out, start)
     return influence_from_map(_probs(q, k, scale), out, start)
 
 
 def influence_from_map(probs: torch.Tensor, out: torch.Tensor, start: int) -> torch.Tensor:
     """As `attention_influence`, from an attention map [..., L, L] whose last axis is the keys."""
-    cols = probs.float().sum(dim=-2).reshape(-1, probs.shape[-1]).sum(dim=0)[start : start + out.shape[0]]
-    return out.copy_(F.normalize(cols, dim=0))
+    return _fill_influence(probs.float().sum(dim=-2).reshape(-1, probs.shape[-1]).sum(dim=0), out, start)
+
+
+def _fill_influence(cols: torch.Tensor, out: torch.Tensor, start: int) -> torch.Tensor:
+    """`out` [N] := the stream's N columns (from `start`) of the per-key sums `cols`, L2-normalised."""
+    return out.copy_(F.normalize(cols[start : start + out.shape[0]], dim=0))
 
 
 def cross_entropy(q: torch.Tensor, k: torch.Tensor, out: torch.Tensor, scale: float | None = None) -> torch.Tensor:
