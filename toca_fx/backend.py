@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import warnings
 from collections import Counter
-from dataclasses import replace
-from typing import Any, Callable
+from dataclasses import dataclass, replace
+from typing import Any, Callable, NamedTuple
 
 import torch
 import torch.fx as fx
@@ -93,6 +93,24 @@ class ToCaBackend:
         return _compile(gm, example_inputs, self.config.inner, options)
 
 
+@dataclass(eq=False)
+class _Variant:
+    """One distinct plan and what running it takes, each part made on first use. Steps with equal
+    plans share it, so the hot path finds everything here without hashing the plan key."""
+
+    id: int  # its position in `CachedGraph._variants`: the key of `CacheState.plan_calls`
+    key: tuple  # the plan key: ((branch index, BranchPlan), ...)
+    rows: dict[int, tuple[int, int]]  # branch index -> (token rows computed, rows without cache) per call
+    graph: fx.GraphModule | None = None
+    used: frozenset[int] | None = None  # indices of the buffers its graph reads or writes
+    fn: Callable | None = None  # compiled `graph`
+
+
+class _Step(NamedTuple):
+    label: str
+    variant: _Variant
+
+
 class CachedGraph:
     """Dispatcher for one captured graph: picks, compiles and runs the variant of each step.
 
@@ -107,11 +125,10 @@ class CachedGraph:
         self.options = options
         self.policy = config.policy if config.policy is not None else ToCaPolicy(config)
         self.state = CacheState(buffer_specs(analysis, config), config.num_steps, config.calls_per_step)
-        self._generations: dict[int, list[tuple[str, tuple, dict]]] = {}  # num_steps -> each step's plan
-        self._labels: dict[str, tuple] = {}  # label -> plan key, for variant_graph
-        self._graphs: dict[tuple, fx.GraphModule] = {}
-        self._fns: dict[tuple, Callable] = {}
-        self._used: dict[tuple, frozenset[int]] = {}  # plan key -> indices of the buffers its graph reads or writes
+        self._generations: dict[int, list[_Step]] = {}  # num_steps -> each step's plan
+        self._variants: dict[tuple, _Variant] = {}  # plan key -> its variant, one per distinct plan
+        self._labels: dict[str, _Variant] = {}  # label -> variant of its first step (variant_graph, label_flops)
+        self._compiled: list[_Variant] = []  # in the order compiled
         self._flops: dict[Any, Counter] = {}  # plan key or "uncached" -> FLOPs by branch index
         self._example: list[Any] | None = None
         self._pool = None
@@ -119,13 +136,12 @@ class CachedGraph:
             tag_branch(branch)
 
     def __call__(self, *args: Any) -> Any:
-        label, key, rows = self._plan(self.state.step)
-        buffers = self.state.buffers(self._buffers_used(key))
-        fn = self._fns.get(key)
-        if fn is None:
-            fn = self._compile(key, [*args, *buffers])
-        out = fn(*args, *buffers)
-        self.state.record(label, rows, key)
+        # The hot path: per call, no hashing of plan keys and no loop over branches.
+        label, variant = self._plan(self.state.step)
+        if variant.fn is None:
+            self._compile(variant, args)
+        out = variant.fn(*args, *self.state.buffers(variant.used))
+        self.state.record(label, variant.id)
         return out
 
     def variant_graph(self, label: str) -> fx.GraphModule:
@@ -144,21 +160,25 @@ class CachedGraph:
         """As `flops`, split by branch index (None: the graph outside every branch)."""
         if self._example is not None:
             n_args = len(self._example) - len(self.state.specs)
-            self._flops.setdefault("uncached", graph_flops(self.gm, self._example[:n_args]))
-            for key in self._fns:
-                self._flops.setdefault(key, graph_flops(self._graph(key), self._example))
+            if "uncached" not in self._flops:
+                self._flops["uncached"] = graph_flops(self.gm, self._example[:n_args])
+            for variant in self._compiled:
+                if variant.key not in self._flops:
+                    self._flops[variant.key] = graph_flops(self._graph(variant), self._example)
         return self._flops
 
     def label_flops(self, label: str) -> int:
         """Theoretical FLOPs of one call of the step labelled `label` ("uncached" for the original)."""
-        return self.flops["uncached"] if label == "uncached" else self.flops[self._labels[label]]
+        return self.flops["uncached"] if label == "uncached" else self.flops[self._labels[label].key]
 
     def branch_stats(self, graph_index: int) -> list[dict[str, Any]]:
-        rows, capacity = self.state.rows, self.state.row_capacity
         flops = self.flops_by_branch
-        done: Counter = Counter()  # FLOPs per branch over the calls so far
-        for key, n in self.state.plan_calls.items():
-            for branch, f in flops.get(key, {}).items():
+        rows, capacity, done = Counter(), Counter(), Counter()  # per branch, over the calls so far
+        for variant, n in self._plan_calls():
+            for branch, (computed, total) in variant.rows.items():
+                rows[branch] += n * computed
+                capacity[branch] += n * total
+            for branch, f in flops.get(variant.key, {}).items():
                 done[branch] += n * f
         uncached = flops.get("uncached", Counter())
         calls = sum(self.state.plan_calls.values())
@@ -179,44 +199,57 @@ class CachedGraph:
 
     @property
     def n_compiled(self) -> int:
-        return len(self._fns)
+        return len(self._compiled)
 
-    def _plan(self, step: int) -> tuple[str, tuple, dict[int, tuple[int, int]]]:
-        """The policy's plan for a step: its label, a hashable key, and rows computed per branch."""
+    def _plan(self, step: int) -> _Step:
+        """The policy's plan for a step: its label and variant."""
         num_steps = self.state.num_steps
         if num_steps not in self._generations:
             self._generations[num_steps] = self._plan_generation(num_steps)
         return self._generations[num_steps][step]
 
-    def _plan_generation(self, num_steps: int) -> list[tuple[str, tuple, dict[int, tuple[int, int]]]]:
+    def _plan_generation(self, num_steps: int) -> list[_Step]:
         branches = self.analysis.branches
         generation = drop_dead_fills([self.policy.plans(s, num_steps, branches) for s in range(num_steps)])
         steps = []
         for step, plans in enumerate(generation):
-            label, key = self.policy.label(step, num_steps), plan_key(plans)
-            self._labels.setdefault(label, key)
-            steps.append((label, key, {b.index: _rows(plans[b.index], b.tokens) for b in branches}))
+            label, variant = self.policy.label(step, num_steps), self._variant(plans)
+            self._labels.setdefault(label, variant)
+            steps.append(_Step(label, variant))
         return steps
 
-    def _graph(self, key: tuple) -> fx.GraphModule:
-        if key not in self._graphs:
-            self._graphs[key] = build_variant(self.gm, dict(key), self.config)
-        return self._graphs[key]
+    def _variant(self, plans: dict[int, BranchPlan]) -> _Variant:
+        """The variant of `plans`, one per distinct plan: steps with equal plans share its graph."""
+        key = plan_key(plans)
+        if key not in self._variants:
+            rows = {b.index: _rows(plans[b.index], b.tokens) for b in self.analysis.branches}
+            self._variants[key] = _Variant(len(self._variants), key, rows)
+        return self._variants[key]
 
-    def _buffers_used(self, key: tuple) -> frozenset[int]:
-        if key not in self._used:
-            targets = {n.target for n in self._graph(key).graph.nodes if n.op == "placeholder" and n.users}
-            self._used[key] = frozenset(i for i, s in enumerate(self.state.specs) if f"toca_{s.name}" in targets)
-        return self._used[key]
+    def _plan_calls(self) -> list[tuple[_Variant, int]]:
+        """Each variant called since the counters were last cleared, with its calls."""
+        variants = list(self._variants.values())  # in the order of their ids
+        return [(variants[i], n) for i, n in self.state.plan_calls.items()]
 
-    def _compile(self, key: tuple, inputs: list[Any]) -> Callable:
+    def _graph(self, variant: _Variant) -> fx.GraphModule:
+        if variant.graph is None:
+            variant.graph = build_variant(self.gm, dict(variant.key), self.config)
+        return variant.graph
+
+    def _buffers_used(self, gm: fx.GraphModule) -> frozenset[int]:
+        """Indices of the buffers that `gm` reads or writes."""
+        targets = {n.target for n in gm.graph.nodes if n.op == "placeholder" and n.users}
+        return frozenset(i for i, s in enumerate(self.state.specs) if f"toca_{s.name}" in targets)
+
+    def _compile(self, variant: _Variant, args: tuple) -> None:
+        variant.used = self._buffers_used(self._graph(variant))
+        inputs = [*args, *self.state.buffers(variant.used)]
         if self._example is None:  # shapes only, for counting FLOPs on demand (buffers as allocated)
-            n_args = len(inputs) - len(self.state.specs)
-            self._example = shapes_of(inputs[:n_args]) + [spec_shape(s) for s in self.state.specs]
-        modes = {plan.mode for _, plan in key}
+            self._example = shapes_of(list(args)) + [spec_shape(s) for s in self.state.specs]
+        modes = {plan.mode for _, plan in variant.key}
         chains = "reuse" in modes and "rows" not in modes  # rows plans read the stream at every block
-        self._fns[key] = self._compile_graph(self._graph(key), inputs, _REUSE_PATCHES if chains else {})
-        return self._fns[key]
+        variant.fn = self._compile_graph(self._graph(variant), inputs, _REUSE_PATCHES if chains else {})
+        self._compiled.append(variant)
 
     def _compile_graph(self, gm: fx.GraphModule, inputs: list[Any], patches: dict) -> Callable:
         # Captures assume fixed buffers; separate call streams pass different ones.
@@ -247,8 +280,12 @@ def _rows(plan: BranchPlan, tokens: int) -> tuple[int, int]:
 
 def _flops_ratio(graphs: list[CachedGraph]) -> float:
     """Theoretical FLOPs of all calls so far relative to running them without caching."""
-    done = sum(sum(n * g.flops[key] for key, n in g.state.plan_calls.items()) for g in graphs)
-    uncached = sum(sum(g.state.plan_calls.values()) * g.flops.get("uncached", 0) for g in graphs)
+    done = uncached = 0
+    for g in graphs:
+        flops = g.flops
+        for variant, n in g._plan_calls():
+            done += n * flops[variant.key]
+            uncached += n * flops.get("uncached", 0)
     return _fraction(done, uncached)
 
 

@@ -21,6 +21,7 @@ class CudaGraphed:
         self.calls = 0
         self.graph: torch.cuda.CUDAGraph | None = None
         self.slots: list[Any] = []
+        self.copied: list[int] = []  # positions of the non-static tensor inputs, copied into slots per replay
         self.outputs: Any = None
 
     def __call__(self, *args: Any) -> Any:
@@ -29,16 +30,16 @@ class CudaGraphed:
             return self.fn(*args)
         if self.graph is None:
             self._capture(args)
-        for slot, arg, static in zip(self.slots, args, self.static):
-            if not static and isinstance(arg, torch.Tensor):
-                slot.copy_(arg)
+        for i in self.copied:  # not a loop over all inputs: parameters make most of them
+            self.slots[i].copy_(args[i])
         self.graph.replay()
         return type(self.outputs)(o.clone() if isinstance(o, torch.Tensor) else o for o in self.outputs)
 
     def _capture(self, args: tuple) -> None:
-        self.slots = [
-            a.clone() if isinstance(a, torch.Tensor) and not static else a for a, static in zip(args, self.static)
-        ]
+        self.copied = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and not self.static[i]]
+        self.slots = list(args)
+        for i in self.copied:
+            self.slots[i] = args[i].clone()
         torch.cuda.synchronize()
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph, pool=self.pool):

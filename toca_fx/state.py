@@ -37,12 +37,11 @@ class CacheState:
         self.num_steps = num_steps
         self.stream_buffers: list[list[torch.Tensor]] = [[_stand_in(s) for s in specs] for _ in range(streams)]
         self._allocated: list[set[int]] = [set() for _ in range(streams)]
+        self._complete: list[set[frozenset[int] | None]] = [set() for _ in range(streams)]  # `used` all allocated
         self.steps = [0] * streams
         self.turn = 0  # the call stream of the next call
         self.calls: Counter[str] = Counter()  # policy label ("full", "partial", ...) -> calls
-        self.plan_calls: Counter[tuple] = Counter()  # plan key -> calls
-        self.rows: Counter[int] = Counter()  # branch index -> token rows computed, summed over calls
-        self.row_capacity: Counter[int] = Counter()  # branch index -> rows a run without cache computes
+        self.plan_calls: Counter[int] = Counter()  # plan id (the backend's) -> calls
 
     @property
     def step(self) -> int:
@@ -52,20 +51,23 @@ class CacheState:
     def buffers(self, used: frozenset[int] | None = None) -> list[torch.Tensor]:
         """The next call's buffers, one per spec: those at the indices `used` (default: all) allocated
         (zeros) on first use; the others stay empty stand-ins, which the call's graph must not read."""
+        if used not in self._complete[self.turn]:  # once per stream and `used`: no set arithmetic per call
+            self._allocate(used)
+        return self.stream_buffers[self.turn]
+
+    def _allocate(self, used: frozenset[int] | None) -> None:
         buffers, allocated = self.stream_buffers[self.turn], self._allocated[self.turn]
         for i in (set(range(len(self.specs))) if used is None else used) - allocated:
             s = self.specs[i]
             buffers[i] = torch.zeros(s.shape, dtype=s.dtype, device=s.device)
             allocated.add(i)
-        return buffers
+        self._complete[self.turn].add(used)
 
-    def record(self, label: str, rows: dict[int, tuple[int, int]], key: tuple = ()) -> None:
-        """Count one call: its label and plan and, per branch, (rows computed, rows in total)."""
+    def record(self, label: str, plan: int) -> None:
+        """Count one call: its label and its plan, an id the backend gives each distinct plan (and from
+        which it derives the rows computed per branch)."""
         self.calls[label] += 1
-        self.plan_calls[key] += 1
-        for index, (done, total) in rows.items():
-            self.rows[index] += done
-            self.row_capacity[index] += total
+        self.plan_calls[plan] += 1
         self.steps[self.turn] = (self.steps[self.turn] + 1) % self.num_steps
         self.turn = (self.turn + 1) % len(self.steps)
 
@@ -80,8 +82,6 @@ class CacheState:
         """Forget the calls counted so far (e.g. a warm-up), keeping the caches and the step."""
         self.calls.clear()
         self.plan_calls.clear()
-        self.rows.clear()
-        self.row_capacity.clear()
 
     @property
     def nbytes(self) -> int:
