@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch._inductor.utils import run_and_get_code
 
 from toca_fx import ToCaBackend, ToCaConfig, attention_columns
 
@@ -24,32 +25,43 @@ def _reference(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
     return ((q.double() @ k.double().transpose(-2, -1)) * scale).softmax(dim=-1).sum(dim=(0, 1, 2))
 
 
+@pytest.mark.parametrize("keys", [200, 300])  # one tile of keys (one pass), or chunks of tiles
 @pytest.mark.parametrize("queries", [0, 16, 100])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_column_sums_match_float64(queries: int, dtype: torch.dtype):
+def test_column_sums_match_float64(keys: int, queries: int, dtype: torch.dtype):
     g = torch.Generator(device="cuda").manual_seed(0)
-    # 300 keys (not a multiple of the tile), head dim 72 (DiT-XL/2's), strided views of a fused projection.
-    qkv = torch.randn(2, 300, 3, 3, 72, device="cuda", generator=g).to(dtype)
+    # Key counts not a multiple of the tile, head dim 72 (DiT-XL/2's), strided views of a fused projection.
+    qkv = torch.randn(2, keys, 3, 3, 72, device="cuda", generator=g).to(dtype)
     q, k, _ = qkv.permute(2, 0, 3, 1, 4).unbind(0)
     q = _sampled(q, queries)
-    got = attention_columns.column_sums(q, k, 72 ** -0.5)
+    got = attention_columns.column_sums(q, k, 72 ** -0.5).sum(dim=0)
     torch.testing.assert_close(got.double(), _reference(q, k, 72 ** -0.5), rtol=1e-4, atol=1e-5)
-    assert got.sum().item() == pytest.approx(2 * 3 * (queries or 300), rel=1e-5)  # each query's row sums to 1
+    assert got.sum().item() == pytest.approx(2 * 3 * (queries or keys), rel=1e-5)  # each query's row sums to 1
 
 
-def test_the_kernel_is_taken_only_where_its_grid_fills_the_gpu():
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
-    q = torch.zeros(1, sms, 64, 72, device="cuda", dtype=torch.bfloat16)  # one program per head
-    assert attention_columns.supports(q, q)
-    assert not attention_columns.supports(q[:, 1:], q[:, 1:])
-    assert not attention_columns.supports(q.float(), q.float())
+@pytest.mark.parametrize("heads, keys", [(1, 1000), (64, 4160)])
+def test_key_chunks_merge_exactly(heads: int, keys: int):
+    # One head over 1000 keys: the statistics are split into many chunks of keys to fill the GPU; 64
+    # heads over 4160: fewer chunks, the last one part of a tile. Both merge to the exact softmax.
+    g = torch.Generator(device="cuda").manual_seed(1)
+    q = torch.randn(1, heads, 64, 64, device="cuda", generator=g).to(torch.bfloat16)
+    k = torch.randn(1, heads, keys, 64, device="cuda", generator=g).to(torch.bfloat16)
+    assert attention_columns.column_sums(q, k, 0.125).sum(dim=0).double().sub(_reference(q, k, 0.125)).abs().max() < 1e-4
+
+
+def test_any_layout_is_read_as_it_is():
+    # Keys whose last axis is strided (a transposed view) and queries offset into their storage.
+    g = torch.Generator(device="cuda").manual_seed(2)
+    q = torch.randn(2, 2, 40, 32, device="cuda", generator=g).to(torch.float16)[:, :, 8:]
+    k = torch.randn(2, 2, 32, 100, device="cuda", generator=g).to(torch.float16).transpose(-2, -1)
+    torch.testing.assert_close(attention_columns.column_sums(q, k, 0.2).sum(dim=0).double(), _reference(q, k, 0.2), rtol=1e-4, atol=1e-5)
+    assert not attention_columns.supports(q.float(), k.float())
 
 
 def test_compiled_map_matches_the_torch_path():
-    # Inductor compiles the kernel into the full step (bf16 on the GPU, a batch that gives every
-    # multiprocessor a program: 2 heads, 8 sampled queries, one tile each); the CPU float32 run takes
-    # the torch path. The maps agree to bf16 precision.
-    batch = -(-torch.cuda.get_device_properties(0).multi_processor_count // 2)
+    # Inductor compiles the kernel into the full step (bf16 on the GPU); the CPU float32 run takes the
+    # torch path. The maps agree to bf16 precision.
+    batch = 2
     q = torch.zeros(batch, 2, 8, 16, device="cuda", dtype=torch.bfloat16)  # tiny_dit's 8 sampled queries
     k = torch.zeros(batch, 2, 16, 16, device="cuda", dtype=torch.bfloat16)  # and its 16 keys
     assert attention_columns.supports(q, k)
@@ -61,7 +73,8 @@ def test_compiled_map_matches_the_torch_path():
         fast = torch.compile(model, backend=backend, dynamic=False)
         x, t, y = step_inputs(model, 1, batch=batch)[0]
         with torch.no_grad():
-            fast(x.to(device, dtype), t.to(device, dtype), y.to(device))
+            _, code = run_and_get_code(fast, x.to(device, dtype), t.to(device, dtype), y.to(device))
+        assert ("toca_fx.attention_columns" in "".join(code)) == (device == "cuda")
         state = backend.graphs[0].state
         (attn,) = [b for s, b in zip(state.specs, state.stream_buffers[0]) if s.name.startswith("attn_")]
         maps.append(attn.cpu())

@@ -1,0 +1,113 @@
+"""The "attention" score of one block at each benchmark model's size: torch's path against the Triton
+kernel (`toca_fx.attention_columns`), each compiled by Inductor, from the views of a fused QKV
+projection as the models produce them.
+
+    python benchmarks/score_kernel.py --out DIR      # on the GPU machine
+
+Each path's calls run in a CUDA graph, as in the benchmarks, timed with CUDA events (median of
+`--repeats` replays); the two paths' maps are
+checked against each other. Markdown to stdout, JSON to `--out`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from toca_fx import attention_columns
+from toca_fx.scores import _probs, influence_from_map
+
+# (model, batch incl. CFG, heads, tokens, head dim): DiT-XL/2-256 batch 8 + CFG, PixArt-alpha at
+# 1024 and 2048 (batch 1 + CFG), FLUX.1-dev at 1024 (4096 image + 512 text tokens, no CFG).
+SHAPES = [
+    ("DiT-XL/2 256x256", 16, 16, 256, 72),
+    ("PixArt-alpha 1024x1024", 2, 16, 4096, 72),
+    ("PixArt-alpha 2048x2048", 2, 16, 16384, 72),
+    ("FLUX.1-dev 1024x1024", 1, 24, 4608, 128),
+]
+
+
+def views(batch: int, heads: int, tokens: int, dim: int, queries: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sampled queries and all keys as [B, H, L, d] views of one [B, L, 3, H, d] projection."""
+    qkv = torch.randn(batch, tokens, 3, heads, dim, device="cuda", dtype=torch.bfloat16)
+    q, k, _ = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    return q[:, :, :: tokens // queries][:, :, :queries], k
+
+
+def torch_path(q: torch.Tensor, k: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    return influence_from_map(_probs(q, k, None), out, 0)
+
+
+def kernel_path(q: torch.Tensor, k: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    return out.copy_(torch.nn.functional.normalize(attention_columns.column_sums(q, k, q.shape[-1] ** -0.5).sum(dim=0), dim=0))
+
+
+def time_us(fn: Callable[[], object], repeats: int, per_graph: int = 20) -> float:
+    """GPU time of one call: `per_graph` calls captured in one CUDA graph (as the models run them),
+    replays timed with CUDA events, the median replay over `per_graph`."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(per_graph):
+            fn()
+    times = []
+    for _ in range(repeats):
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(begin.elapsed_time(end) * 1e3 / per_graph)
+    return statistics.median(times)
+
+
+def measure(queries: int, repeats: int, paths: dict[str, Callable]) -> list[dict]:
+    rows = []
+    for name, batch, heads, tokens, dim in SHAPES:
+        torch._dynamo.reset()  # a fresh compile per shape, whatever ran before
+        torch.manual_seed(0)
+        q, k = views(batch, heads, tokens, dim, queries)
+        row = {"model": name, "shape": f"{batch}x{heads}x{queries}q x {tokens}k, d={dim}"}
+        maps = {}
+        for label, path in paths.items():
+            fn = torch.compile(path, dynamic=False)
+            out = torch.empty(tokens, device="cuda")
+            row[label] = time_us(lambda: fn(q, k, out), repeats)
+            maps[label] = out.clone()
+        first, *rest = maps.values()
+        row["max_diff"] = max(((m - first).abs().max().item() for m in rest), default=0.0)
+        rows.append(row)
+        print(row, flush=True)
+    return rows
+
+
+def markdown(rows: list[dict], labels: list[str]) -> str:
+    head = "| model | q x k | " + " | ".join(f"{label} us" for label in labels) + " | max map diff |"
+    lines = [head, "|" + "---|" * (len(labels) + 3)]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['shape']} | " + " | ".join(f"{r[x]:.1f}" for x in labels) + f" | {r['max_diff']:.1e} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--queries", type=int, default=64, help="sampled queries (the presets' 64)")
+    parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("--out", type=Path, default=Path("benchmark-results"))
+    args = parser.parse_args()
+    paths = {"torch": torch_path, "kernel": kernel_path}
+    rows = measure(args.queries, args.repeats, paths)
+    title = f"attention score per block, {torch.cuda.get_device_name()}, torch {torch.__version__}, bf16"
+    print(f"## {title}\n\n{markdown(rows, list(paths))}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "score_kernel.json").write_text(json.dumps({"title": title, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
