@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 
 from toca_fx import attention_columns
-from toca_fx.scores import _probs, influence_from_map
+from toca_fx.scores import _fill_influence, _probs, influence_from_map
 
 # (model, batch incl. CFG, heads, tokens, head dim): DiT-XL/2-256 batch 8 + CFG, PixArt-alpha at
 # 1024 and 2048 (batch 1 + CFG), FLUX.1-dev at 1024 (4096 image + 512 text tokens, no CFG).
@@ -43,7 +43,7 @@ def torch_path(q: torch.Tensor, k: torch.Tensor, out: torch.Tensor) -> torch.Ten
 
 
 def kernel_path(q: torch.Tensor, k: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    return out.copy_(torch.nn.functional.normalize(attention_columns.column_sums(q, k, q.shape[-1] ** -0.5).sum(dim=0), dim=0))
+    return _fill_influence(attention_columns.column_sums(q, k, q.shape[-1] ** -0.5).sum(dim=0), out, 0)
 
 
 def time_us(fn: Callable[[], object], repeats: int, per_graph: int = 20) -> float:

@@ -53,8 +53,8 @@ def column_sums(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
     # one load per element.
     blocks = dict(DIM=dim, BLOCK_Q=BLOCK_Q, BLOCK_D=max(16, triton.next_power_of_2(dim)))
     strides = (*q.stride()[:3], *k.stride()[:3])
+    partial = torch.empty(_partial_rows(q, k), keys, dtype=torch.float32, device=q.device)
     if keys <= ONE_TILE:
-        partial = torch.empty(batch * heads * tiles, keys, dtype=torch.float32, device=q.device)
         _one_tile_kernel[(batch * heads, tiles)](
             q, k, partial, heads, n, keys, scale, *strides, BLOCK_K=max(16, triton.next_power_of_2(keys)), **blocks
         )
@@ -63,7 +63,6 @@ def column_sums(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
     splits = triton.cdiv(keys, chunk)
     m = torch.empty(batch * heads, splits, n, dtype=torch.float32, device=q.device)
     l = torch.empty_like(m)
-    partial = torch.empty(batch * heads, keys, dtype=torch.float32, device=q.device)
     _stats_kernel[(batch * heads, tiles, splits)](
         q, k, m, l, heads, n, keys, chunk, splits, scale, *strides, BLOCK_K=BLOCK_K, **blocks
     )
@@ -75,8 +74,14 @@ def column_sums(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
 
 @column_sums.register_fake
 def _(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
-    rows = q.shape[0] * q.shape[1] * (-(-q.shape[2] // BLOCK_Q) if k.shape[-2] <= ONE_TILE else 1)
-    return q.new_empty(rows, k.shape[-2], dtype=torch.float32)
+    return q.new_empty(_partial_rows(q, k), k.shape[-2], dtype=torch.float32)
+
+
+def _partial_rows(q: torch.Tensor, k: torch.Tensor) -> int:
+    """Rows of `column_sums`' result: one per (batch and head, tile of queries) in one pass, one per
+    batch and head from the split kernels (which sum over the query tiles)."""
+    per_head = -(-q.shape[2] // BLOCK_Q) if k.shape[-2] <= ONE_TILE else 1
+    return q.shape[0] * q.shape[1] * per_head
 
 
 def _chunk(programs: int, keys: int, device: torch.device) -> int:
