@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from toca_fx.scores import ranked_top, refresh_scores, select_batch, select_tokens, top_indices
+from toca_fx.scores import refresh_scores, select_batch, select_tokens
 
 
 def _state(x):
@@ -168,23 +168,3 @@ def test_batched_spatial_bonus_is_the_bonus_of_each_row():
 def test_batched_choice_refuses_the_score_that_reads_the_stream():
     with pytest.raises(ValueError, match="change"):
         select_batch(torch.zeros(1, 4), (0,), (2,), (("change", 1.0),))
-
-
-@pytest.mark.parametrize("n, k", [(1, 1), (7, 3), (256, 77), (4096, 1229)])
-def test_ranked_top_is_torch_topk_with_ties_to_the_lower_index(n: int, k: int):
-    g = torch.Generator().manual_seed(n)
-    score = torch.randint(0, 5, (n,), generator=g).float() + torch.rand(n, generator=g).round(decimals=1)  # many ties
-    got = ranked_top(score, k)
-    assert got.tolist() == sorted(range(n), key=lambda i: (-score[i].item(), i))[:k]  # highest first, ties: lower index
-    assert torch.equal(score[got], torch.topk(score, k).values)  # the values of torch's top-k
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the ranked top-k is taken on the GPU")
-def test_compiled_choice_on_the_gpu_ranks_instead_of_topk():
-    from torch._inductor.utils import run_and_get_code
-
-    g = torch.Generator().manual_seed(0)
-    score = torch.randint(0, 5, (256,), generator=g).float() + torch.rand(256, generator=g).round(decimals=2)
-    got, code = run_and_get_code(torch.compile(lambda s: top_indices(s, 77)), score.cuda())
-    assert "topk" not in "".join(code)
-    assert got.tolist() == sorted(range(256), key=lambda i: (-score[i].item(), i))[:77]

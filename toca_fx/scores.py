@@ -24,13 +24,12 @@ import math
 import torch
 import torch.nn.functional as F
 
-from . import attention_columns
+from . import attention_columns, top_k
 from .rewrite.ops import SIDE_EFFECTS
 
 SCORES = ("attention", "cross_entropy", "staleness", "spatial", "change", "random")
 DEFAULT_WEIGHTS = (("change", 1.0), ("staleness", 1.0))  # sorted, as ToCaConfig keeps weights
 CELL = 2  # tokens per grid axis in one spatial cell
-RANKED_MAX = 256  # tokens up to which a GPU top-k of one slice ranks all pairs (`top_indices`)
 
 
 def token_norm(x: torch.Tensor) -> torch.Tensor:
@@ -94,35 +93,21 @@ def select_batch(
     ent = _stack_rows(entropy, entropy_rows) if entropy is not None else None
     score = _combine(w, stale, attn, ent, grid)
     k_max = max(ks)
-    # Equal ks: any order. Unequal: sorted, so each row's first k are its top k.
-    top = torch.topk(score, k_max, dim=-1, sorted=len(set(ks)) > 1).indices
+    # Equal ks: any order. Unequal: ordered, so each row's first k are its top k.
+    top = top_indices(score, k_max, ordered=len(set(ks)) > 1)
     keep = torch.arange(k_max, device=top.device) < torch.tensor(ks, device=top.device)[:, None]
     chosen = torch.zeros(score.shape, dtype=torch.bool, device=score.device).scatter_(1, top, keep)
     _put_rows(staleness, rows, torch.where(chosen, 0.0, stale + 1))
     return [top[i, :k] for i, k in enumerate(ks)]
 
 
-def top_indices(score: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the k highest entries of a 1-D score. On the GPU torch's top-k of one slice runs in
-    one thread block; up to `RANKED_MAX` tokens, ranking every score against every other (one
-    reduction that Inductor fuses, over all multiprocessors) is faster: DiT-XL/2 (256 tokens) at N=4,
-    r=0.3 on the H100, 344.1 ms a generation against 349.1 with torch's. At 4096 tokens the ranking
-    was slower (PixArt-alpha 1024: 440.7 ms against 425.8)."""
-    if score.is_cuda and score.dim() == 1 and score.shape[0] <= RANKED_MAX:
-        return ranked_top(score, k)
-    return torch.topk(score, k, sorted=False).indices
-
-
-def ranked_top(score: torch.Tensor, k: int) -> torch.Tensor:
-    """The k highest entries of a 1-D score, highest first (ties: the lower index first): each entry's
-    rank is the number of entries ahead of it, and the entry of rank r is written to slot r (all below
-    the k-th to one spare slot)."""
-    pos = torch.arange(score.shape[0], device=score.device)
-    other, this = score[None, :], score[:, None]
-    ahead = (other > this) | ((other == this) & (pos[None, :] < pos[:, None]))
-    rank = ahead.sum(dim=1)
-    slots = torch.empty(k + 1, dtype=torch.long, device=score.device)
-    return slots.scatter_(0, rank.clamp(max=k), pos)[:k]
+def top_indices(score: torch.Tensor, k: int, ordered: bool = False) -> torch.Tensor:
+    """Indices of the k highest entries of each row of a score ([N] -> [k], [R, N] -> [R, k]); `ordered`:
+    highest first. On the GPU a Triton kernel ranks the scores (`toca_fx.top_k`: in rank order, ties to
+    the lower index) where torch's top-k takes one thread block per row."""
+    if top_k.supports(score):
+        return top_k.top_k(score, k)
+    return torch.topk(score, k, sorted=ordered).indices
 
 
 def refresh_scores(x: torch.Tensor, staleness: torch.Tensor, ref_norm: torch.Tensor | None = None) -> torch.Tensor:

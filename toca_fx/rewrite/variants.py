@@ -27,6 +27,7 @@ from ..flops import BRANCH
 from ..policies.toca import BranchPlan
 from ..scores import DEFAULT_WEIGHTS, refresh_scores, select_batch, select_tokens
 from ..state import BufferSpec
+from .dead_columns import narrow_dead_columns
 from .gather_scatter import gather_branch, insertion_point
 from .score_maps import entropy_source, fill_maps, influence_source, readers, token_grid
 from .ops import eliminate_dead_code, no_rows, store
@@ -82,6 +83,8 @@ def build_variant(gm: fx.GraphModule, plans: dict[int, BranchPlan], config: ToCa
         _apply(graph, branch, plan, slots[branch.index], score_args, queries, early.get(branch.index))
         tag_branch(branch, [n for n in graph.nodes if n not in before])
     eliminate_dead_code(graph)
+    if narrow_dead_columns(graph):
+        eliminate_dead_code(graph)
     return fx.GraphModule(gm, graph)
 
 
