@@ -26,7 +26,7 @@ MAX_PAIRS = 2**24  # comparisons (rows x N^2) up to which ranking beats torch's 
 def supports(score: torch.Tensor) -> bool:
     """Whether `top_k` takes this score: CUDA, Triton, and few enough comparisons. On the H100
     (`benchmarks/top_k_kernel.py`): one row of 4096 (16.7 M pairs) 7.2 us against torch's 25.6, 56 rows
-    of 256 3.7 against 14.0; one row of 16384 (268 M pairs) 70 against 67, 84 rows of 4096 379 against 51."""
+    of 256 3.7 against 14.0; one row of 16384 (268 M pairs) 72 against 67, 84 rows of 4096 379 against 51."""
     pairs = score.shape[-1] ** 2 * (score.shape[0] if score.dim() == 2 else 1)
     return (
         triton is not None and score.is_cuda and score.dim() in (1, 2) and score.is_floating_point()
