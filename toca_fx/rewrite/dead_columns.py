@@ -32,7 +32,7 @@ def narrow_dead_columns(graph: fx.Graph) -> int:
 
 def _match(node: fx.Node) -> tuple[fx.Node, list[tuple[int, int]], dict[int, list[fx.Node]]] | None:
     """(split node, each piece's column range, read piece index -> its getitems) if `node` matches."""
-    if op_name(node) != "linear" or len(node.users) != 1:
+    if op_name(node) != "linear" or len(node.args) < 2 or len(node.users) != 1:  # input, weight positional
         return None
     (split,) = node.users
     out = shape(node)
