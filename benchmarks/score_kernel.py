@@ -104,9 +104,14 @@ def main() -> None:
     paths = {"torch": torch_path, "kernel": kernel_path}
     rows = measure(args.queries, args.repeats, paths)
     title = f"attention score per block, {torch.cuda.get_device_name()}, torch {torch.__version__}, bf16"
-    print(f"## {title}\n\n{markdown(rows, list(paths))}")
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "score_kernel.json").write_text(json.dumps({"title": title, "rows": rows}, indent=1))
+    report(args.out / "score_kernel.json", title, markdown(rows, list(paths)), rows)
+
+
+def report(path: Path, title: str, table: str, rows: list[dict]) -> None:
+    """The table under its title to stdout, the rows as JSON to `path`."""
+    print(f"## {title}\n\n{table}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"title": title, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":
