@@ -168,3 +168,17 @@ def test_batched_spatial_bonus_is_the_bonus_of_each_row():
 def test_batched_choice_refuses_the_score_that_reads_the_stream():
     with pytest.raises(ValueError, match="change"):
         select_batch(torch.zeros(1, 4), (0,), (2,), (("change", 1.0),))
+
+
+def test_fused_choice_refuses_bad_input_before_any_kernel():
+    from toca_fx.top_k import top_k_refresh
+
+    score, state = torch.rand(8), torch.zeros(8)
+    with pytest.raises(ValueError, match=r"k must be in \[1, 8\]"):
+        top_k_refresh(score, 9, state, None, None)
+    with pytest.raises(ValueError, match="go together"):
+        top_k_refresh(score, 2, state, torch.zeros(8), None)
+    with pytest.raises(ValueError, match="differ"):
+        top_k_refresh(score, 2, torch.zeros(7), None, None)
+    with pytest.raises(ValueError, match="shares memory"):
+        top_k_refresh(state, 2, state, None, None)

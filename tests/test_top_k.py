@@ -8,7 +8,7 @@ import torch
 from torch._inductor.utils import run_and_get_code
 
 from toca_fx import top_k
-from toca_fx.scores import select_batch, top_indices
+from toca_fx.scores import select_batch, select_tokens, top_indices
 
 pytestmark = pytest.mark.skipif(
     not (torch.cuda.is_available() and top_k.triton is not None), reason="the kernel needs CUDA and Triton"
@@ -65,3 +65,41 @@ def test_batched_choice_on_the_gpu_is_the_cpu_choice():
     got = select_batch(gpu, (0, 2, 3, 1), ks, (("staleness", 1.0),))
     assert [sorted(i.tolist()) for i in got] == [sorted(i.tolist()) for i in want]
     assert torch.equal(gpu.cpu(), cpu)  # staleness updated alike
+
+
+def _state(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 4, (n,), generator=g).float(), torch.rand(n, generator=g), torch.rand(n, generator=g)
+
+
+@pytest.mark.parametrize("n, k", [(7, 3), (300, 77), (4096, 1229)])
+def test_refresh_is_the_choice_and_the_state_update(n: int, k: int):
+    score = _tied(n, n)
+    staleness, ref_norm, norm = _state(n, n)
+    want_stale, want_ref = staleness + 1, ref_norm.clone()
+    want = _reference(score, k)
+    want_stale[want], want_ref[want] = 0, norm[want]
+    # State rows of stacked buffers, as the rewritten graphs pass them.
+    stale_stack, ref_stack = torch.stack([staleness] * 2).cuda(), torch.stack([ref_norm] * 3).cuda()
+    got = top_k.top_k_refresh(score.cuda(), k, stale_stack[1], ref_stack[2], norm.cuda())
+    assert got.cpu().tolist() == want
+    assert torch.equal(stale_stack[1].cpu(), want_stale) and torch.equal(stale_stack[0].cpu(), staleness)
+    assert torch.equal(ref_stack[2].cpu(), want_ref) and torch.equal(ref_stack[1].cpu(), ref_norm)
+    only_stale = staleness.cuda()  # no reference norms: the staleness score alone
+    assert top_k.top_k_refresh(score.cuda(), k, only_stale, None, None).cpu().tolist() == want
+    assert torch.equal(only_stale.cpu(), want_stale)
+
+
+def test_compiled_token_choice_is_one_kernel_and_the_cpu_choice():
+    # Token norms exact on both devices (one nonzero feature) and scores well apart (no ties, where
+    # torch's order is unspecified): the same tokens and the same state.
+    x = torch.zeros(2, 4096, 64)
+    x[:, :, 5] = torch.randperm(4096).float() / 64
+    staleness = torch.randperm(4096).float() % 3
+    ref_norm = torch.zeros(4096)
+    cpu_state, gpu_state = (staleness.clone(), ref_norm.clone()), (staleness.cuda(), ref_norm.cuda())
+    want = select_tokens(x, *cpu_state, 1229)
+    got, code = run_and_get_code(torch.compile(select_tokens), x.cuda(), *gpu_state, 1229)
+    assert "top_k_refresh" in code[0] and "index_fill" not in code[0] and "topk" not in code[0]
+    assert sorted(got.tolist()) == sorted(want.tolist())
+    assert torch.equal(gpu_state[0].cpu(), cpu_state[0]) and torch.equal(gpu_state[1].cpu(), cpu_state[1])

@@ -59,9 +59,11 @@ def select_tokens(
         norm = token_norm(x)
         change = (norm - ref_norm).abs()
     score = _combine(w, staleness, attention, entropy, grid, change)
+    if top_k.supports(score):  # the choice and the state update in one kernel
+        return top_k.top_k_refresh(score, k, staleness, *((ref_norm, norm) if change is not None else (None, None)))
     idx = top_indices(score, k)
     staleness.add_(1).index_fill_(0, idx, 0)
-    if w.get("change"):
+    if change is not None:
         ref_norm.index_copy_(0, idx, norm.index_select(0, idx))
     return idx
 
