@@ -10,8 +10,9 @@ one chunk; `_columns_kernel`, one program per (batch and head, tile of keys), me
 statistics and sums its keys' probabilities over the queries. Products run on tensor cores.
 `column_sums` is a custom operator that reads its inputs' strides when it runs, so Inductor passes the
 views of the fused QKV projection as they are (no copies). H100, 64 sampled queries, per block, in CUDA
-graphs (`benchmarks/score_kernel.py`): DiT-XL/2 17.5 us against torch's 35; PixArt-alpha 1024 48
-against 57; FLUX.1-dev 33 against 46. Used where `supports` holds (CUDA tensors, Triton importable,
+graphs (`benchmarks/score_kernel.py`, session 13; DiT's kernel has since gone from 4 warps to 8, see
+ONE_TILE_WARPS): DiT-XL/2 17.5 us against torch's 35; PixArt-alpha 1024 48 against 57; FLUX.1-dev 33
+against 46. Used where `supports` holds (CUDA tensors, Triton importable,
 [B, H, L, d] queries and keys in bf16 or fp16); `toca_fx.scores` falls back to torch elsewhere.
 """
 from __future__ import annotations
@@ -28,6 +29,13 @@ BLOCK_Q, BLOCK_K = 64, 64
 _DTYPES = (torch.bfloat16, torch.float16)  # float32 would run its products in tf32: torch's path instead
 _WAVES = 2  # the statistics kernel's programs per multiprocessor, where the keys allow it
 ONE_TILE = 256  # keys up to this many are taken in one tile, in one pass
+# Warps, swept on the H100 with each kernel timed right after the QKV projection that writes its input,
+# as in the model (`benchmarks/score_kernel.py --warps`): DiT-XL/2's block (64 queries x 256 keys, one
+# tile) took 15.6 us at 8 warps, 38.2 at 4 and 16.5 at 16 (tiles of under 128 keys keep 4); the split
+# kernels (statistics, columns) were fastest at 4 and 4 for PixArt-alpha 1024 and 2048 and FLUX.1 (54,
+# 174 and 37 us).
+ONE_TILE_WARPS = 8
+SPLIT_WARPS = (4, 4)
 
 
 def supports(q: torch.Tensor, k: torch.Tensor) -> bool:
@@ -55,19 +63,22 @@ def column_sums(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
     strides = (*q.stride()[:3], *k.stride()[:3])
     partial = torch.empty(_partial_rows(q, k), keys, dtype=torch.float32, device=q.device)
     if keys <= ONE_TILE:
+        block_k = max(16, triton.next_power_of_2(keys))
+        warps = ONE_TILE_WARPS if block_k >= 128 else 4
         _one_tile_kernel[(batch * heads, tiles)](
-            q, k, partial, heads, n, keys, scale, *strides, BLOCK_K=max(16, triton.next_power_of_2(keys)), **blocks
+            q, k, partial, heads, n, keys, scale, *strides, BLOCK_K=block_k, num_warps=warps, **blocks
         )
         return partial
     chunk = _chunk(batch * heads * tiles, keys, q.device)
     splits = triton.cdiv(keys, chunk)
     m = torch.empty(batch * heads, splits, n, dtype=torch.float32, device=q.device)
     l = torch.empty_like(m)
+    stats_warps, columns_warps = SPLIT_WARPS
     _stats_kernel[(batch * heads, tiles, splits)](
-        q, k, m, l, heads, n, keys, chunk, splits, scale, *strides, BLOCK_K=BLOCK_K, **blocks
+        q, k, m, l, heads, n, keys, chunk, splits, scale, *strides, BLOCK_K=BLOCK_K, num_warps=stats_warps, **blocks
     )
     _columns_kernel[(batch * heads, triton.cdiv(keys, BLOCK_K))](
-        q, k, m, l, partial, heads, n, keys, splits, scale, *strides, BLOCK_K=BLOCK_K, **blocks
+        q, k, m, l, partial, heads, n, keys, splits, scale, *strides, BLOCK_K=BLOCK_K, num_warps=columns_warps, **blocks
     )
     return partial
 
