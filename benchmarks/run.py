@@ -35,9 +35,11 @@ import argparse
 import contextlib
 import gc
 import json
+import os
 import re
 import statistics
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -251,7 +253,8 @@ def run_case(
             torch.cuda.empty_cache()  # the previous setting's caches and graph pools are gone
         backend = ToCaBackend(backend) if isinstance(backend, ToCaConfig) else backend
         fn = model if backend is None else torch.compile(model, backend=backend, dynamic=False, mode=mode)
-        result = time_generations(fn, x0, args_of, case.steps, repeats, case.cfg)
+        with fresh_inductor_caches():
+            result = time_generations(fn, x0, args_of, case.steps, repeats, case.cfg)
         sample = result.pop("sample")
         if reference is None and name.startswith("inductor"):
             reference = sample
@@ -264,6 +267,23 @@ def run_case(
         log(row)
         del fn, backend
     return _relative(rows)
+
+
+@contextlib.contextmanager
+def fresh_inductor_caches() -> Iterator[None]:
+    """Inductor's on-disk caches (and Triton's, which lie inside them) in a new temporary directory, so
+    that each setting's compile time is cold: toca_fx's variants hit the caches, and a "+cudagraphs"
+    setting compiles the same graphs as its plain one (its CUDA graphs are toca_fx's own)."""
+    before = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    with tempfile.TemporaryDirectory(prefix="toca_fx_bench_") as path:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = path
+        try:
+            yield
+        finally:
+            if before is None:
+                del os.environ["TORCHINDUCTOR_CACHE_DIR"]
+            else:
+                os.environ["TORCHINDUCTOR_CACHE_DIR"] = before
 
 
 def build(case: Case, device: torch.device, dtype: torch.dtype) -> tuple[torch.nn.Module, torch.Tensor, Callable]:

@@ -20,6 +20,7 @@ from .analysis.residual import Analysis, find_branches
 from .config import ToCaConfig
 from .cudagraphs import CudaGraphed
 from .flops import graph_flops, shapes_of, spec_shape
+from .inductor import compile_inductor
 from .policies.toca import BranchPlan, ToCaPolicy, drop_dead_fills, plan_key
 from .rewrite.variants import buffer_specs, build_variant, tag_branch
 from .shapes import PerShape
@@ -294,13 +295,14 @@ def _fraction(num: int, den: int) -> float:
 
 
 def _compile(gm: fx.GraphModule, inputs: list[Any], inner: str, options: dict) -> Callable:
-    if inner == "eager":
-        return gm
-    from torch._inductor.compile_fx import compile_fx
+    return gm if inner == "eager" else compile_inductor(gm, inputs, _patches(options))
 
+
+def _patches(options: dict) -> dict:
+    """The Inductor config patches of `torch.compile` options: its mode's, then its "options"."""
     patches = dict(torch._inductor.list_mode_options(options.get("mode")) if options.get("mode") else {})
     patches.update(options.get("options") or {})
-    return compile_fx(gm, inputs, config_patches=patches)
+    return patches
 
 
 def _dynamic_inputs(gm: fx.GraphModule) -> str:

@@ -1,0 +1,121 @@
+"""Inductor compilation of a rewritten graph, in the form Inductor's on-disk caches take.
+
+A variant compiled at its first call, outside Dynamo, reached neither cache: the FX graph cache
+bypasses a compilation without a tracing context whose fake mode has a shape env ("no shape env"), and
+AOTAutograd's cache refuses a graph that calls functions outside torch (the rewrite's `store`,
+`select_tokens`, ...) unless they are marked cacheable, or that calls a method of a node without an
+example value (the rewrite's nodes have none). Here a graph compiles as Dynamo would hand it over:
+every node with its example value, fake inputs in a tracing context with a shape env, and toca_fx's
+functions marked, keyed by a hash of toca_fx's source (an edit of toca_fx invalidates its entries).
+
+The fakes are made from the inputs' metadata alone (`TensorMeta`), so a process that holds only the
+metadata (a worker of `parallel_compile`) compiles under the same cache keys.
+"""
+from __future__ import annotations
+
+import copy
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+from torch._guards import TracingContext, tracing
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+_MARKED = "unsafe_marked_cacheable_functions"
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    """What a compilation reads of a tensor input (and so what its cache keys hold of it)."""
+
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    dtype: torch.dtype
+    device: torch.device
+    requires_grad: bool = False
+    parameter: bool = False
+
+    @classmethod
+    def of(cls, x: Any) -> Any:
+        """The metadata of `x` if it is a tensor, else `x` itself."""
+        if not isinstance(x, torch.Tensor):
+            return x
+        parameter = isinstance(x, torch.nn.Parameter)
+        return cls(tuple(x.shape), tuple(x.stride()), x.dtype, x.device, x.requires_grad, parameter)
+
+    @classmethod
+    def contiguous(cls, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> TensorMeta:
+        """A contiguous tensor's metadata, as `torch.zeros(shape)` would have."""
+        return cls(tuple(shape), torch.empty(shape, device="meta").stride(), dtype, torch.device(device))
+
+    def fake(self) -> torch.Tensor:
+        """A tensor with this metadata (a fake one under a FakeTensorMode)."""
+        t = torch.empty_strided(self.shape, self.stride, dtype=self.dtype, device=self.device)
+        return torch.nn.Parameter(t, self.requires_grad) if self.parameter else t.requires_grad_(self.requires_grad)
+
+
+def compile_inductor(gm: fx.GraphModule, inputs: list[Any], patches: dict[str, Any]) -> Callable:
+    """`compile_fx(gm, inputs)` under the Inductor config `patches`, cacheable (see the module's doc).
+    `inputs`: tensors or `TensorMeta`s, and other values as they are; only tensors' metadata is read."""
+    from torch._inductor.compile_fx import compile_fx
+
+    fake_mode = FakeTensorMode(shape_env=ShapeEnv())
+    metas = [TensorMeta.of(x) for x in inputs]
+    gm = _with_example_values(gm, metas, fake_mode)
+    marked = {**patches.get(_MARKED, torch._inductor.config.unsafe_marked_cacheable_functions), **_toca_functions(gm)}
+    with fake_mode:
+        fakes = [m.fake() if isinstance(m, TensorMeta) else m for m in metas]
+    with tracing(TracingContext(fake_mode)):
+        return compile_fx(gm, fakes, config_patches={**patches, _MARKED: marked})
+
+
+def _with_example_values(gm: fx.GraphModule, metas: list[Any], fake_mode: FakeTensorMode) -> fx.GraphModule:
+    """`gm`, or where a node lacks its example value (the rewrite's nodes), a copy with every node's:
+    AOTAutograd's cache takes a method call only on a node that has one. Dynamo's own graphs go as
+    they are, with the metadata they carry for AOTAutograd (their sources, static inputs)."""
+    if all("example_value" in n.meta for n in gm.graph.nodes if n.op != "output"):
+        return gm
+    gm = fx.GraphModule(gm, copy.deepcopy(gm.graph))  # node metas copied, not shared
+    with fake_mode:
+        _ExampleValues(gm, fake_mode).run(*[m.fake() if isinstance(m, TensorMeta) else m for m in metas])
+    return gm
+
+
+class _ExampleValues(fx.Interpreter):
+    """Runs a graph on fakes, recording each node's output as its example value."""
+
+    def __init__(self, gm: fx.GraphModule, fake_mode: FakeTensorMode):
+        super().__init__(gm)
+        self.fake_mode = fake_mode
+
+    def run_node(self, n: fx.Node) -> Any:
+        value = super().run_node(n)
+        if n.op != "output":
+            n.meta["example_value"] = value
+        return value
+
+    def fetch_attr(self, target: str) -> Any:
+        value = super().fetch_attr(target)  # a constant of the graph: real, so made fake to run on
+        return self.fake_mode.from_tensor(value) if isinstance(value, torch.Tensor) else value
+
+
+def _toca_functions(gm: fx.GraphModule) -> dict[str, str]:
+    """The toca_fx functions that `gm` calls, by the names AOTAutograd's cache looks up, each keyed by
+    the hash of toca_fx's source."""
+    names = {
+        f"{getattr(n.target, '__module__', None)}.{getattr(n.target, '__name__', None)}"
+        for n in gm.graph.nodes
+        if n.op == "call_function"
+    }
+    return dict.fromkeys(sorted(n for n in names if n.startswith("toca_fx.")), _source_hash())
+
+
+@functools.cache
+def _source_hash() -> str:
+    from torch._inductor.custom_graph_pass import get_hash_for_files
+
+    return get_hash_for_files(tuple(sorted(str(p) for p in Path(__file__).parent.rglob("*.py")))).hex()
