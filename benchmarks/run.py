@@ -236,7 +236,8 @@ def elapsed(work: Callable, cuda: bool) -> float:
 
 
 def run_case(
-    case: Case, device: torch.device, dtype: torch.dtype, repeats: int, modes: list, log: Callable, skip: str | None = None
+    case: Case, device: torch.device, dtype: torch.dtype, repeats: int, modes: list, log: Callable, skip: str | None = None,
+    cache_dir: Path | None = None,
 ) -> list[dict]:
     model, x0, args_of = build(case, device, dtype)
     rows, reference = [], None
@@ -253,7 +254,7 @@ def run_case(
             torch.cuda.empty_cache()  # the previous setting's caches and graph pools are gone
         backend = ToCaBackend(backend) if isinstance(backend, ToCaConfig) else backend
         fn = model if backend is None else torch.compile(model, backend=backend, dynamic=False, mode=mode)
-        with fresh_inductor_caches():
+        with fresh_inductor_caches(cache_dir):
             result = time_generations(fn, x0, args_of, case.steps, repeats, case.cfg)
         sample = result.pop("sample")
         if reference is None and name.startswith("inductor"):
@@ -270,12 +271,13 @@ def run_case(
 
 
 @contextlib.contextmanager
-def fresh_inductor_caches() -> Iterator[None]:
+def fresh_inductor_caches(kept: Path | None = None) -> Iterator[None]:
     """Inductor's on-disk caches (and Triton's, which lie inside them) in a new temporary directory, so
     that each setting's compile time is cold: toca_fx's variants hit the caches, and a "+cudagraphs"
-    setting compiles the same graphs as its plain one (its CUDA graphs are toca_fx's own)."""
+    setting compiles the same graphs as its plain one (its CUDA graphs are toca_fx's own). With `kept`,
+    in that directory instead, which outlives the run: a second run with it times warm compiles."""
     before = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
-    with tempfile.TemporaryDirectory(prefix="toca_fx_bench_") as path:
+    with contextlib.nullcontext(str(kept)) if kept else tempfile.TemporaryDirectory(prefix="toca_fx_bench_") as path:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = path
         try:
             yield
@@ -360,6 +362,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cudagraphs", choices=["off", "on", "both"], default="both",
                         help="compile with mode='reduce-overhead' (CUDA graphs) too")
     parser.add_argument("--out", type=Path, default=Path("benchmark-results"))
+    parser.add_argument("--cache-dir", type=Path, help="Inductor's caches in this directory, kept (a second run times warm "
+                        "compiles), instead of a fresh one per setting")
     parser.add_argument("--skip", help="regular expression: settings to leave out (the Inductor baseline always runs)")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
@@ -375,7 +379,7 @@ def main(argv: list[str] | None = None) -> None:
     for name in names:
         log = lambda row: print(json.dumps({k: v for k, v in row.items()}), flush=True)  # noqa: E731
         modes = {"off": [None], "on": ["reduce-overhead"], "both": [None, "reduce-overhead"]}[args.cudagraphs]
-        rows += run_case(table[name], device, dtype, args.repeats, modes if device.type == "cuda" else [None], log, args.skip)
+        rows += run_case(table[name], device, dtype, args.repeats, modes if device.type == "cuda" else [None], log, args.skip, args.cache_dir)
         (args.out / "results.json").write_text(json.dumps(rows, indent=1))
         (args.out / "benchmarks.md").write_text(markdown(rows, header) + "\n")
     print(markdown(rows, header))
