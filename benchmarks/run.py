@@ -28,6 +28,12 @@ warm-up generation that also compiles), speedup over plain Inductor, theoretical
 from the rewritten graphs' shapes), efficiency = measured / theoretical speedup, compile time (first
 generation minus the median), peak memory, cache bytes, and the final sample's relative L2 error
 against the uncached Inductor run from the same noise. Results go to JSON and a markdown table.
+
+Each setting compiles into fresh Inductor caches (a temporary TORCHINDUCTOR_CACHE_DIR), so compile
+times are cold whatever ran before. --parallel-compile sets the toca settings' ToCaConfig.parallel_compile
+(auto: on with 8 or more cores); a run with "off" and one with "on" compare the two. The JSON rows of
+toca settings also hold whether workers compiled ahead ("parallel_compile") and how many variants
+were loaded from the caches ("cache_hits": those the workers compiled).
 """
 from __future__ import annotations
 
@@ -41,11 +47,12 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
+from torch._dynamo.utils import counters
 
 import toca_fx
 from toca_fx import ToCaBackend, ToCaConfig
@@ -238,6 +245,7 @@ def elapsed(work: Callable, cuda: bool) -> float:
 def run_case(
     case: Case, device: torch.device, dtype: torch.dtype, repeats: int, modes: list, log: Callable, skip: str | None = None,
     cache_dir: Path | None = None,
+    parallel_compile: bool | None = None,
 ) -> list[dict]:
     model, x0, args_of = build(case, device, dtype)
     rows, reference = [], None
@@ -252,8 +260,11 @@ def run_case(
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()  # the previous setting's caches and graph pools are gone
-        backend = ToCaBackend(backend) if isinstance(backend, ToCaConfig) else backend
+        if isinstance(backend, ToCaConfig):
+            backend = ToCaBackend(replace(backend, parallel_compile=parallel_compile))
+            parallel = toca_fx.parallel_compile.enabled(parallel_compile, {})  # as this setting starts
         fn = model if backend is None else torch.compile(model, backend=backend, dynamic=False, mode=mode)
+        counters.clear()
         with fresh_inductor_caches(cache_dir):
             result = time_generations(fn, x0, args_of, case.steps, repeats, case.cfg)
         sample = result.pop("sample")
@@ -262,7 +273,8 @@ def run_case(
         row = {"model": case.name, "setting": name, **result}
         if isinstance(backend, ToCaBackend):
             stats = backend.stats()
-            row.update(flops_ratio=stats["flops_ratio"], cache_bytes=stats["cache_bytes"], compiles=stats["compiles"])
+            row.update(flops_ratio=stats["flops_ratio"], cache_bytes=stats["cache_bytes"], compiles=stats["compiles"],
+                       parallel_compile=parallel, cache_hits=counters["inductor"]["fxgraph_cache_hit"])  # workers' variants
         row["rel_l2"] = (sample.float() - reference.float()).norm().item() / reference.float().norm().item() if reference is not None else 0.0
         rows.append(row)
         log(row)
@@ -365,6 +377,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cache-dir", type=Path, help="Inductor's caches in this directory, kept (a second run times warm "
                         "compiles), instead of a fresh one per setting")
     parser.add_argument("--skip", help="regular expression: settings to leave out (the Inductor baseline always runs)")
+    parser.add_argument("--parallel-compile", choices=["auto", "on", "off"], default="auto",
+                        help="ToCaConfig.parallel_compile of the toca settings: None (on with 8 or more cores), True, False")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -379,7 +393,11 @@ def main(argv: list[str] | None = None) -> None:
     for name in names:
         log = lambda row: print(json.dumps({k: v for k, v in row.items()}), flush=True)  # noqa: E731
         modes = {"off": [None], "on": ["reduce-overhead"], "both": [None, "reduce-overhead"]}[args.cudagraphs]
-        rows += run_case(table[name], device, dtype, args.repeats, modes if device.type == "cuda" else [None], log, args.skip, args.cache_dir)
+        parallel = {"auto": None, "on": True, "off": False}[args.parallel_compile]
+        rows += run_case(
+            table[name], device, dtype, args.repeats, modes if device.type == "cuda" else [None], log, args.skip,
+            args.cache_dir, parallel,
+        )
         (args.out / "results.json").write_text(json.dumps(rows, indent=1))
         (args.out / "benchmarks.md").write_text(markdown(rows, header) + "\n")
     print(markdown(rows, header))

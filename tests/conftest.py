@@ -1,6 +1,8 @@
 import pytest
 import torch
 
+from toca_fx import parallel_compile
+
 
 @pytest.fixture(autouse=True)
 def _fresh_dynamo():
@@ -8,3 +10,10 @@ def _fresh_dynamo():
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
+
+
+@pytest.fixture(autouse=True)
+def _variants_compiled_in_process(monkeypatch):
+    """parallel_compile=None (the default) means no workers, whatever the test machine's cores: tests
+    that want workers ask for them."""
+    monkeypatch.setattr(parallel_compile, "AUTO_MIN_CPUS", 1 << 30)

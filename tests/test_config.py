@@ -16,6 +16,8 @@ from toca_fx import ToCaConfig
         ("num_steps", 0),
         ("self_attn", "skip"),
         ("inner", "aot_eager"),
+        ("parallel_compile", "auto"),
+        ("parallel_compile", 1),
     ],
 )
 def test_bad_values_are_rejected_naming_the_field(field, value):

@@ -11,16 +11,18 @@ from __future__ import annotations
 import warnings
 from collections import Counter
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any, Callable, NamedTuple
 
 import torch
 import torch.fx as fx
 
+from . import parallel_compile
 from .analysis.residual import Analysis, find_branches
 from .config import ToCaConfig
 from .cudagraphs import CudaGraphed
 from .flops import graph_flops, shapes_of, spec_shape
-from .inductor import compile_inductor
+from .inductor import TensorMeta, compile_inductor
 from .policies.toca import BranchPlan, ToCaPolicy, drop_dead_fills, plan_key
 from .rewrite.variants import buffer_specs, build_variant, tag_branch
 from .shapes import PerShape
@@ -133,6 +135,8 @@ class CachedGraph:
         self._flops: dict[Any, Counter] = {}  # plan key or "uncached" -> FLOPs by branch index
         self._example: list[Any] | None = None
         self._pool = None
+        self._ahead = parallel_compile.Prefetch()  # workers compiling variants before their first calls
+        self._prefetched: set[int] = set()  # num_steps of the generations whose variants went to it
         for branch in analysis.branches:
             tag_branch(branch)
 
@@ -243,23 +247,67 @@ class CachedGraph:
         return frozenset(i for i, s in enumerate(self.state.specs) if f"toca_{s.name}" in targets)
 
     def _compile(self, variant: _Variant, args: tuple) -> None:
-        variant.used = self._buffers_used(self._graph(variant))
-        inputs = [*args, *self.state.buffers(variant.used)]
+        self._prefetch(variant, args)
+        inputs = self._inputs(variant, args)
         if self._example is None:  # shapes only, for counting FLOPs on demand (buffers as allocated)
             self._example = shapes_of(list(args)) + [spec_shape(s) for s in self.state.specs]
-        modes = {plan.mode for _, plan in variant.key}
-        chains = "reuse" in modes and "rows" not in modes  # rows plans read the stream at every block
-        variant.fn = self._compile_graph(self._graph(variant), inputs, _REUSE_PATCHES if chains else {})
+        graphed = self._graphed(args)
+        with self._ahead.compiling(variant.id):  # after its worker, if one compiles it into the caches
+            fn = _compile(self._graph(variant), inputs, self.config.inner, self._options(variant, graphed))
+        variant.fn = self._cuda_graphed(fn, inputs) if graphed else fn
         self._compiled.append(variant)
 
-    def _compile_graph(self, gm: fx.GraphModule, inputs: list[Any], patches: dict) -> Callable:
+    def _prefetch(self, first: _Variant, args: tuple) -> None:
+        """At a generation's first compilation, its other variants go to workers that compile them into
+        Inductor's caches meanwhile, where `parallel_compile.enabled`."""
+        num_steps = self.state.num_steps
+        if self.config.inner != "inductor" or num_steps in self._prefetched:
+            return
+        self._prefetched.add(num_steps)
+        graphed = self._graphed(args)
+        if not parallel_compile.enabled(self.config.parallel_compile, _patches(self._options(first, graphed))):
+            return
+        metas = [TensorMeta.of(a) for a in args]  # the job made when a worker is free: no tensors kept
+        jobs = {}
+        for _, variant in self._generations[num_steps]:
+            if variant is not first and variant.fn is None and variant.id not in jobs:
+                jobs[variant.id] = partial(self._job, variant, metas, graphed)
+        self._ahead.add(jobs)
+
+    def _job(self, variant: _Variant, metas: list[Any], graphed: bool) -> bytes:
+        """A worker's job: compile `variant` as `_compile` will, from the metadata of its inputs."""
+        used = self._used(variant)
+        buffers = [TensorMeta.contiguous(s.shape if i in used else (0,), s.dtype, s.device) for i, s in enumerate(self.state.specs)]
+        return parallel_compile.job(self._graph(variant), [*metas, *buffers], _patches(self._options(variant, graphed)))
+
+    def _used(self, variant: _Variant) -> frozenset[int]:
+        if variant.used is None:
+            variant.used = self._buffers_used(self._graph(variant))
+        return variant.used
+
+    def _inputs(self, variant: _Variant, args: tuple) -> list[Any]:
+        """`args`, the buffers `variant` uses and empty stand-ins for the others, whichever variants
+        allocated them: its compilation, and so its cache key, is the same in any order of first calls
+        (and a worker's, from `_job`, is this one's)."""
+        used = self._used(variant)
+        buffers = self.state.buffers(used)
+        return [*args, *(b if i in used else b.new_empty(0) for i, b in enumerate(buffers))]
+
+    def _graphed(self, args: tuple) -> bool:
+        """Whether variants are captured as CUDA graphs here (`CudaGraphed`) rather than by Inductor."""
         # Captures assume fixed buffers; separate call streams pass different ones.
-        graphed = self.options.get("mode") == "reduce-overhead" and inputs[0].is_cuda and len(self.state.steps) == 1
+        return self.options.get("mode") == "reduce-overhead" and args[0].is_cuda and len(self.state.steps) == 1
+
+    def _options(self, variant: _Variant, graphed: bool) -> dict:
+        """The `torch.compile` options of a variant's compilation."""
+        modes = {plan.mode for _, plan in variant.key}
+        chains = "reuse" in modes and "rows" not in modes  # rows plans read the stream at every block
         options = {k: v for k, v in self.options.items() if not (graphed and k == "mode")}
+        patches = _REUSE_PATCHES if chains else {}
         options["options"] = {"post_grad_custom_post_pass": PlaceStores(), **patches, **(options.get("options") or {})}
-        fn = _compile(gm, inputs, self.config.inner, options)
-        if not graphed:
-            return fn
+        return options
+
+    def _cuda_graphed(self, fn: Callable, inputs: list[Any]) -> CudaGraphed:
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         n_args = len(inputs) - len(self.state.specs)

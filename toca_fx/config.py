@@ -29,6 +29,14 @@ class ToCaConfig:
         without running it; "recompute" runs the chosen queries against keys/values of all tokens;
         "recompute_cached_kv" against cached keys/values updated with the chosen tokens' rows.
     inner: "inductor" compiles each rewritten graph with Inductor; "eager" runs it as is.
+    parallel_compile: at a generation's first call, compile its other variants (one Inductor compilation
+        of the whole model per distinct plan) in worker processes, into Inductor's on-disk caches, while
+        this process compiles the first; each later first call then loads its variant from the caches.
+        True or False; None (the default) is True with 8 or more usable CPU cores (on 2 it was slower).
+        Never with inner="eager", without Inductor's FX graph cache, or under max-autotune (workers
+        timing kernels at once would mislead each other's choices). Workers share the cores and take
+        memory (with CUDA, a context each on the GPU); one that fails warns once, and this process
+        compiles the variants itself from then on.
     calls_per_step: calls of the model per denoising step, each with its own cache: 2 for a pipeline
         that calls the model for the conditional, then the unconditional half of classifier-free
         guidance (batched guidance, one call with both halves, is 1).
@@ -69,6 +77,7 @@ class ToCaConfig:
     step_levels: int = 4
     full_last: int = 0
     policy: Any = None
+    parallel_compile: bool | None = None
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> "ToCaConfig":
@@ -101,6 +110,10 @@ class ToCaConfig:
         _check(_is_int(self.num_steps) and self.num_steps >= 1, "num_steps", "an int >= 1", self.num_steps)
         _check(self.self_attn in SELF_ATTN_MODES, "self_attn", f"one of {SELF_ATTN_MODES}", self.self_attn)
         _check(self.inner in INNER_COMPILERS, "inner", f"one of {INNER_COMPILERS}", self.inner)
+        _check(
+            self.parallel_compile is None or isinstance(self.parallel_compile, bool),
+            "parallel_compile", "None, True or False", self.parallel_compile,
+        )
         _check(
             _is_int(self.calls_per_step) and self.calls_per_step >= 1,
             "calls_per_step", "an int >= 1", self.calls_per_step,

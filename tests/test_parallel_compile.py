@@ -1,0 +1,168 @@
+"""Variants compiled ahead in worker processes: this process then loads them from the caches, with
+results equal to compiling them here; workers run a few at a time, fail softly and never outlive it."""
+from __future__ import annotations
+
+import sys
+import warnings
+from dataclasses import replace
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from toca_fx import ToCaBackend, ToCaConfig, parallel_compile
+from toca_fx.parallel_compile import Prefetch, _dump, _load
+
+from .helpers import step_inputs, tiny_dit
+
+
+def _generation(config: ToCaConfig) -> tuple[list[torch.Tensor], ToCaBackend]:
+    model = tiny_dit()
+    backend = ToCaBackend(config)
+    fast = torch.compile(model, backend=backend, dynamic=False)
+    with torch.no_grad():
+        return [fast(*args) for args in step_inputs(model, config.num_steps)], backend
+
+
+def test_variants_compiled_in_workers_are_loaded_from_the_caches_and_match(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))  # read by this process and the workers
+    config = ToCaConfig(interval=2, ratio=0.5, num_steps=2)  # a full and a partial variant
+    counters.clear()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        parallel, backend = _generation(replace(config, parallel_compile=True))
+    assert not [w for w in caught if "worker process" in str(w.message)]  # what a failed worker warns
+    compiles = backend.stats()["compiles"]
+    assert compiles == 2
+    # The full variant compiled here; the partial one, compiled by a worker meanwhile, loaded.
+    assert counters["aot_autograd"]["autograd_cache_hit"] == counters["inductor"]["fxgraph_cache_hit"] == compiles - 1
+    assert not parallel_compile._live  # every worker waited for
+    torch._dynamo.reset()
+    counters.clear()
+    warm, _ = _generation(replace(config, parallel_compile=True))  # compiled before: all loaded
+    assert counters["inductor"]["fxgraph_cache_hit"] == compiles and not parallel_compile._live
+    assert all(torch.equal(a, b) for a, b in zip(parallel, warm))
+    torch._dynamo.reset()
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "serial"))
+    counters.clear()
+    serial, _ = _generation(config)
+    assert counters["inductor"]["fxgraph_cache_miss"] == compiles  # compiled here, from scratch
+    for step, (a, b) in enumerate(zip(parallel, serial)):
+        assert torch.equal(a, b), f"step {step}"
+
+
+def test_a_dumped_graph_loads_with_the_same_code():
+    config = ToCaConfig.preset("dit", num_steps=12, inner="eager")  # full, partial levels, reused branches
+    _, backend = _generation(config)
+    graph = backend.graphs[0]
+    assert len(graph._variants) > 2
+    for variant in graph._variants.values():
+        gm = graph._graph(variant)
+        assert _load(_dump(gm)).code == gm.code  # the code, from which the caches' keys are made
+
+
+def test_a_graph_holding_its_weights_is_not_dumped():
+    gm = torch.fx.symbolic_trace(torch.nn.Linear(4096, 4097))  # weights as the graph's own: 64 MiB
+    with pytest.raises(ValueError, match="64 MiB of constants"):
+        _dump(gm)
+    gm = torch.fx.symbolic_trace(torch.nn.Linear(4, 3))
+    assert torch.equal(_load(_dump(gm))(torch.ones(2, 4)), gm(torch.ones(2, 4)))
+
+
+# Workers that only sleep for the seconds of their job, or fail: the bookkeeping, without compiling.
+_SLEEP = "import sys, time; time.sleep(float(sys.stdin.read()))"
+_FAIL = "import sys; sys.exit('boom: ' + sys.stdin.read())"
+
+
+@pytest.fixture
+def workers(monkeypatch):
+    """Sets the workers' code; restores the state a failure leaves."""
+    monkeypatch.setattr(parallel_compile, "_failed", False)
+    return lambda code: monkeypatch.setattr(parallel_compile, "_command", lambda: [sys.executable, "-c", code])
+
+
+def test_workers_run_a_few_at_a_time_in_order_and_are_all_reaped(workers):
+    workers(_SLEEP)
+    made = []
+    ahead = Prefetch(max_workers=2)
+    ahead.add({key: lambda key=key: made.append(key) or b"0.2" for key in "abc"})
+    assert made == ["a", "b"] and list(ahead.running) == ["a", "b"]  # jobs made as workers start
+    started = {key: w.process for key, w in ahead.running.items()}
+    ahead.wait("a")
+    assert made == ["a", "b", "c"] and len(ahead.running) <= 2
+    ahead.wait("c")
+    ahead.wait("b")
+    assert not ahead.running and not ahead.queue and not parallel_compile._live
+    assert [p.returncode for p in started.values()] == [0, 0]
+
+
+def test_a_job_due_before_its_worker_started_is_left_to_the_caller(workers):
+    workers(_SLEEP)
+    ahead = Prefetch(max_workers=1)
+    ahead.add({"a": lambda: b"0.2", "b": lambda: pytest.fail("never started")})
+    ahead.wait("b")  # due now: no worker will compile it
+    assert "b" not in ahead.queue
+    ahead.wait("a")
+    assert not ahead.running and not parallel_compile._live
+
+
+def test_a_failed_worker_warns_once_and_then_none_start(workers):
+    workers(_FAIL)
+    ahead = Prefetch(max_workers=2)
+    ahead.add({"a": lambda: b"a", "b": lambda: b"b", "c": lambda: b"c"})
+    with pytest.warns(UserWarning, match="compiling a variant in a worker process failed") as caught:
+        ahead.wait("a")
+        ahead.wait("b")
+    assert len(caught) == 1 and "boom" in str(caught[0].message)
+    assert not ahead.queue and not ahead.running  # "c" is left to this process
+    assert not parallel_compile.enabled(True, {})
+
+
+def test_workers_stop_once_a_variant_no_worker_compiled_loads_from_the_caches(workers):
+    workers(_SLEEP)
+    ahead = Prefetch(max_workers=1)
+    ahead.add({"b": lambda: b"60", "c": lambda: b"60"})
+    process = ahead.running["b"].process
+    with ahead.compiling("a"):
+        pass  # compiled: a miss, so the workers go on
+    assert list(ahead.running) == ["b"] and list(ahead.queue) == ["c"]
+    with ahead.compiling("a2"):
+        counters["inductor"]["fxgraph_cache_hit"] += 1  # loaded from the caches
+    assert not ahead.running and not ahead.queue and process.returncode is not None
+    assert not parallel_compile._live
+
+
+def test_a_variant_loaded_from_its_workers_entries_stops_no_worker(workers):
+    workers(_SLEEP)
+    ahead = Prefetch(max_workers=2)
+    ahead.add({"b": lambda: b"0", "c": lambda: b"60"})
+    ahead.running["b"].process.wait()
+    ahead.wait("c2")  # "b" ended before it was due: reaped meanwhile
+    assert list(ahead.running) == ["c"]
+    with ahead.compiling("b"):
+        counters["inductor"]["fxgraph_cache_hit"] += 1  # loaded: what its worker compiled
+    assert list(ahead.running) == ["c"]
+    ahead.stop()
+    assert not parallel_compile._live
+
+
+def test_workers_still_running_at_exit_are_stopped(workers):
+    workers(_SLEEP)
+    ahead = Prefetch(max_workers=1)
+    ahead.add({"a": lambda: b"60"})
+    process = ahead.running["a"].process
+    parallel_compile._stop_all()  # what atexit runs
+    assert process.returncode is not None and process.returncode != 0
+    assert not parallel_compile._live
+
+
+def test_enabled_by_setting_cores_caches_and_autotuning(monkeypatch):
+    monkeypatch.setattr(parallel_compile, "AUTO_MIN_CPUS", 8)
+    monkeypatch.setattr(parallel_compile, "_cpus", lambda: 16)
+    assert parallel_compile.enabled(None, {}) and parallel_compile.enabled(True, {})
+    assert not parallel_compile.enabled(False, {})
+    assert not parallel_compile.enabled(True, {"max_autotune": True})  # workers would time kernels at once
+    monkeypatch.setattr(parallel_compile, "_cpus", lambda: 2)
+    assert not parallel_compile.enabled(None, {}) and parallel_compile.enabled(True, {})
+    monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", False)
+    assert not parallel_compile.enabled(True, {})
