@@ -164,5 +164,7 @@ def test_enabled_by_setting_cores_caches_and_autotuning(monkeypatch):
     assert not parallel_compile.enabled(True, {"max_autotune": True})  # workers would time kernels at once
     monkeypatch.setattr(parallel_compile, "_cpus", lambda: 2)
     assert not parallel_compile.enabled(None, {}) and parallel_compile.enabled(True, {})
-    monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", False)
-    assert not parallel_compile.enabled(True, {})
+    # config.patch, not monkeypatch: pytest 9.2's undo deletes a module attribute that lives outside
+    # the module's __dict__, which hides Inductor's config entry for the rest of the session.
+    with torch._inductor.config.patch(fx_graph_cache=False):
+        assert not parallel_compile.enabled(True, {})
