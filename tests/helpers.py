@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from toca_fx import ToCaBackend, ToCaConfig
 from toca_fx.models import DiT, PixArt
 
 SIZE = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2)
@@ -30,3 +31,13 @@ def step_inputs(model, steps: int, batch: int = 2, seed: int = 1) -> list[tuple]
         else torch.randn(batch, 5, 24, generator=g)
     )
     return [(x + 0.05 * i * drift, torch.full((batch,), 999.0 - 20 * i), cond) for i in range(steps)]
+
+
+def tiny_dit_generation(config: ToCaConfig) -> tuple[list[torch.Tensor], ToCaBackend]:
+    """The tiny DiT compiled with `config` and called for `config.num_steps` steps: each step's output,
+    and the backend."""
+    model = tiny_dit()
+    backend = ToCaBackend(config)
+    fast = torch.compile(model, backend=backend, dynamic=False)
+    with torch.no_grad():
+        return [fast(*args) for args in step_inputs(model, config.num_steps)], backend

@@ -5,18 +5,10 @@ from __future__ import annotations
 import torch
 from torch._dynamo.utils import counters
 
-from toca_fx import ToCaBackend, ToCaConfig
+from toca_fx import ToCaConfig
 from toca_fx.inductor import TensorMeta
 
-from .helpers import step_inputs, tiny_dit
-
-
-def _generation(config: ToCaConfig) -> tuple[list[torch.Tensor], ToCaBackend]:
-    model = tiny_dit()
-    backend = ToCaBackend(config)
-    fast = torch.compile(model, backend=backend, dynamic=False)
-    with torch.no_grad():
-        return [fast(*args) for args in step_inputs(model, config.num_steps)], backend
+from .helpers import tiny_dit_generation as _generation
 
 
 def test_a_second_compilation_loads_from_both_caches_with_equal_outputs(tmp_path, monkeypatch):

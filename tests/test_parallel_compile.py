@@ -10,18 +10,10 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from toca_fx import ToCaBackend, ToCaConfig, parallel_compile
+from toca_fx import ToCaConfig, parallel_compile
 from toca_fx.parallel_compile import Prefetch, _dump, _load
 
-from .helpers import step_inputs, tiny_dit
-
-
-def _generation(config: ToCaConfig) -> tuple[list[torch.Tensor], ToCaBackend]:
-    model = tiny_dit()
-    backend = ToCaBackend(config)
-    fast = torch.compile(model, backend=backend, dynamic=False)
-    with torch.no_grad():
-        return [fast(*args) for args in step_inputs(model, config.num_steps)], backend
+from .helpers import tiny_dit_generation as _generation
 
 
 def test_variants_compiled_in_workers_are_loaded_from_the_caches_and_match(tmp_path, monkeypatch):
