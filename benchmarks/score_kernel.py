@@ -82,7 +82,7 @@ def measure(queries: int, repeats: int, paths: dict[str, Callable]) -> list[dict
         torch._dynamo.reset()  # a fresh compile per shape, whatever ran before
         torch.manual_seed(0)
         project, q, k = views(batch, heads, tokens, dim, queries)
-        row = {"model": name, "shape": f"{batch}x{heads}x{queries}q x {tokens}k, d={dim}"}
+        row = {"model": name, "shape": _shape(batch, heads, queries, tokens, dim)}
         maps = {}
         alone = time_us(project, repeats)
         for label, path in paths.items():
@@ -110,9 +110,13 @@ def sweep_warps(queries: int, repeats: int) -> list[dict]:
         for warps in settings:
             with _warps(*warps):
                 us = time_us(lambda: (project(), attention_columns.column_sums(q, k, dim**-0.5)), repeats) - alone
-            rows.append({"model": name, "shape": f"{batch}x{heads}x{queries}q x {tokens}k, d={dim}", "warps": warps, "us": us})
+            rows.append({"model": name, "shape": _shape(batch, heads, queries, tokens, dim), "warps": warps, "us": us})
             print(rows[-1], flush=True)
     return rows
+
+
+def _shape(batch: int, heads: int, queries: int, tokens: int, dim: int) -> str:
+    return f"{batch}x{heads}x{queries}q x {tokens}k, d={dim}"
 
 
 @contextlib.contextmanager

@@ -30,10 +30,10 @@ _DTYPES = (torch.bfloat16, torch.float16)  # float32 would run its products in t
 _WAVES = 2  # the statistics kernel's programs per multiprocessor, where the keys allow it
 ONE_TILE = 256  # keys up to this many are taken in one tile, in one pass
 # Warps, swept on the H100 with each kernel timed right after the QKV projection that writes its input,
-# as in the model (`benchmarks/score_kernel.py --warps`): DiT-XL/2's block (64 queries x 256 keys, one
-# tile) took 15.6 us at 8 warps, 38.2 at 4 and 16.5 at 16 (tiles of under 128 keys keep 4); the split
-# kernels (statistics, columns) were fastest at 4 and 4 for PixArt-alpha 1024 and 2048 and FLUX.1 (54,
-# 174 and 37 us).
+# as in the model (`benchmarks/score_kernel.py --warps`, benchmarks/results/...-score-kernel-warps.json):
+# DiT-XL/2's block (64 queries x 256 keys, one tile) took 16.7 us at 8 warps, 38.3 at 4 and 17.0 at 16
+# (tiles of under 128 keys keep 4). The split kernels (statistics, columns) at (4, 4) were within 5% of
+# the best setting tried for PixArt-alpha 1024 and 2048 and the best for FLUX.1 (51.5, 210.5, 28.6 us).
 ONE_TILE_WARPS = 8
 SPLIT_WARPS = (4, 4)
 
