@@ -67,7 +67,10 @@ def sweep(repeats: int) -> list[dict]:
             row = {"model": name, "shape": "x".join(map(str, shape))}
             for bi, bj, warps in itertools.product((16, 32, 64), (128, 256, 512), (4, 8)):
                 grid = (triton.cdiv(tokens, bi), score.shape[0])
-                launch = lambda: top_k._rank_kernel[grid](score, out, tokens, k, *score.stride(), BLOCK_I=bi, BLOCK_J=bj, num_warps=warps)
+                launch = lambda: top_k._rank_kernel[grid](
+                    score, out, tokens, k, *score.stride(), None, 0, None, 0, None, 0,
+                    BLOCK_I=bi, BLOCK_J=bj, REFRESH=False, REF=False, num_warps=warps,
+                )
                 row[f"{bi}x{bj}/{warps}w"] = time_us(launch, repeats)
             best = min((v, c) for c, v in row.items() if "/" in c)
             print({**row, "best": best}, flush=True)

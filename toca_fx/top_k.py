@@ -45,13 +45,10 @@ def top_k(score: torch.Tensor, k: int) -> torch.Tensor:
     highest first, ties to the lower index."""
     rows = score if score.dim() == 2 else score[None]
     r, n = rows.shape
-    if not 0 < k <= n:
-        raise ValueError(f"top_k: k must be in [1, {n}] (the row length), got {k}")
+    _check_k("top_k", n, k)
     out = torch.empty(r, k, dtype=torch.long, device=score.device)
-    block_j = min(512, max(16, triton.next_power_of_2(n)))  # scores compared per iteration
     _rank_kernel[(triton.cdiv(n, BLOCK_I), r)](
-        rows, out, n, k, *rows.stride(), None, 0, None, 0, None, 0,
-        BLOCK_I=BLOCK_I, BLOCK_J=block_j, REFRESH=False, REF=False, num_warps=8 if block_j >= 512 else 4,
+        rows, out, n, k, *rows.stride(), None, 0, None, 0, None, 0, REFRESH=False, REF=False, **_tiles(n)
     )
     return out if score.dim() == 2 else out[0]
 
@@ -69,8 +66,7 @@ def top_k_refresh(
     chosen tokens := 0, of the others += 1; `ref_norm`[chosen] := `norm`[chosen] (if given). `score`
     must not share memory with the state, which other programs update while ranking."""
     (n,) = score.shape
-    if not 0 < k <= n:
-        raise ValueError(f"top_k_refresh: k must be in [1, {n}] (the row length), got {k}")
+    _check_k("top_k_refresh", n, k)
     if (ref_norm is None) != (norm is None):
         raise ValueError("top_k_refresh: ref_norm and norm go together")
     state = [t for t in (staleness, ref_norm, norm) if t is not None]
@@ -80,10 +76,9 @@ def top_k_refresh(
         raise ValueError("top_k_refresh: score shares memory with the state it updates")
     out = torch.empty(k, dtype=torch.long, device=score.device)
     ref, norm_ = (ref_norm, norm) if ref_norm is not None else (staleness, staleness)  # unread when REF is off
-    block_j = min(512, max(16, triton.next_power_of_2(n)))
     _rank_kernel[(triton.cdiv(n, BLOCK_I), 1)](
         score, out, n, k, 0, score.stride(0), staleness, staleness.stride(0), ref, ref.stride(0), norm_, norm_.stride(0),
-        BLOCK_I=BLOCK_I, BLOCK_J=block_j, REFRESH=True, REF=ref_norm is not None, num_warps=8 if block_j >= 512 else 4,
+        REFRESH=True, REF=ref_norm is not None, **_tiles(n),
     )
     return out
 
@@ -91,6 +86,17 @@ def top_k_refresh(
 @top_k_refresh.register_fake
 def _(score, k, staleness, ref_norm, norm):
     return score.new_empty(k, dtype=torch.long)
+
+
+def _check_k(op: str, n: int, k: int) -> None:
+    if not 0 < k <= n:
+        raise ValueError(f"{op}: k must be in [1, {n}] (the row length), got {k}")
+
+
+def _tiles(n: int) -> dict[str, int]:
+    """The rank kernel's launch configuration for rows of n scores (`benchmarks/top_k_kernel.py --sweep`)."""
+    block_j = min(512, max(16, triton.next_power_of_2(n)))  # scores compared per iteration
+    return dict(BLOCK_I=BLOCK_I, BLOCK_J=block_j, num_warps=8 if block_j >= 512 else 4)
 
 
 if triton is not None:
