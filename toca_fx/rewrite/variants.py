@@ -29,8 +29,9 @@ from ..scores import DEFAULT_WEIGHTS, refresh_scores, select_batch, select_token
 from ..state import BufferSpec
 from .dead_columns import narrow_dead_columns
 from .gather_scatter import gather_branch, insertion_point
-from .score_maps import entropy_source, fill_maps, influence_source, readers, token_grid
 from .ops import eliminate_dead_code, no_rows, store
+from .score_maps import entropy_source, fill_maps, influence_source, readers, token_grid
+from .split_projection import split_projections
 
 
 @dataclass
@@ -69,10 +70,7 @@ def branch_bytes(analysis: Analysis, config: ToCaConfig) -> dict[int, int]:
 
 def build_variant(gm: fx.GraphModule, plans: dict[int, BranchPlan], config: ToCaConfig) -> fx.GraphModule:
     """A copy of `gm` with each branch rewritten to its plan."""
-    graph = fx.Graph()
-    graph._codegen = copy.deepcopy(gm.graph._codegen)
-    graph.output(graph.graph_copy(gm.graph, {}))
-    analysis = find_branches(graph)
+    graph, analysis = _analysed_copy(gm, plans, config)
     slots, rows = _add_placeholders(graph, analysis, config)
     sources = readers(analysis)
     early = _choose_early(graph, analysis, plans, slots, rows, sources, config)
@@ -126,6 +124,26 @@ def _apply(
             args = (branch.stream, slots.staleness, slots.ref_norm, plan.k, *score_args)
             idx = graph.call_function(select_tokens, args)
     branch.out.replace_all_uses_with(gather_branch(graph, branch, idx, plan.k, slots.cache, slots.kv))
+
+
+def _analysed_copy(
+    gm: fx.GraphModule, plans: dict[int, BranchPlan], config: ToCaConfig, split: bool = True
+) -> tuple[fx.Graph, Analysis]:
+    """A copy of `gm`'s graph and its analysis; with `split`, the fused projections of branches that
+    recompute chosen rows split where their pieces are wanted both as rows and over all tokens
+    (`split_projection`), unless the split graph's analysis no longer finds the same branches."""
+    graph = fx.Graph()
+    graph._codegen = copy.deepcopy(gm.graph._codegen)
+    graph.output(graph.graph_copy(gm.graph, {}))
+    analysis = find_branches(graph)
+    partial = [b for b in analysis.branches if plans[b.index].mode == "rows"]
+    if not split or not split_projections(graph, partial, {b.index: set(_kv_nodes(b, config)) for b in partial}):
+        return graph, analysis
+    eliminate_dead_code(graph)
+    again = find_branches(graph)
+    if [b.out for b in again.branches] != [b.out for b in analysis.branches]:
+        return _analysed_copy(gm, plans, config, split=False)
+    return graph, again
 
 
 def _score_args(graph: fx.Graph, branch: Branch, sources: tuple, slots: dict[int, Slots], config: ToCaConfig) -> tuple:

@@ -1,0 +1,146 @@
+"""A fused qkv projection, written as diffusers' fused `to_qkv` writes it (a chunk of the last axis): on a
+partial step that recomputes the chosen queries, the queries' linear runs on those tokens only and the
+keys' and values' over all tokens; the outputs match a hand-written cache that gathers the queries from
+a projection of every token."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from expecttest import TestCase
+
+from toca_fx import ToCaBackend, ToCaConfig
+from toca_fx.analysis import tokens
+from toca_fx.analysis.tokens import op_name
+from toca_fx.policies.toca import FULL, ToCaPolicy
+from toca_fx.scores import refresh_scores, select_tokens
+
+from .graph_text import graph_text
+
+DIM, HEADS, TOKENS, RATIO = 16, 2, 8, 0.5
+CONFIG = dict(interval=2, ratio=RATIO, num_steps=4, self_attn="recompute", inner="eager")
+
+
+class FusedBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(DIM), nn.LayerNorm(DIM)
+        self.to_qkv, self.proj = nn.Linear(DIM, 3 * DIM), nn.Linear(DIM, DIM)
+        self.fc1, self.fc2 = nn.Linear(DIM, 2 * DIM), nn.Linear(2 * DIM, DIM)
+
+    def attn(self, h: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Self-attention of `h`; with `rows`, of those queries only (gathered after the projection)."""
+        q, k, v = self.to_qkv(h).chunk(3, dim=-1)
+        if rows is not None:
+            q = q[:, rows]
+        out = F.scaled_dot_product_attention(*(_heads(t) for t in (q, k, v)))
+        return self.proj(out.transpose(1, 2).flatten(2))
+
+    def mlp(self, h: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(h)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+def _heads(t: torch.Tensor) -> torch.Tensor:
+    return t.unflatten(-1, (HEADS, -1)).transpose(1, 2)
+
+
+def _compiled() -> tuple[FusedBlock, ToCaBackend]:
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    block = FusedBlock().eval()
+    backend = ToCaBackend(ToCaConfig(**CONFIG))
+    return block, backend
+
+
+class TestSplitProjection(TestCase):
+    def test_queries_are_projected_for_the_chosen_tokens_only(self):
+        block, backend = _compiled()
+        torch.compile(block, backend=backend, dynamic=False)(torch.randn(2, TOKENS, DIM))
+        self.assertExpectedInline(graph_text(backend.graphs[0].variant_graph("partial")), """\
+%0 = select(toca_stale_n8, 0, 0)
+%1 = select(toca_stale_n8, 0, 1)
+%2 = layer_norm(in2, (16,), in0, in1, 1e-05)
+%3 = narrow(in3, 0, 0, 16)
+%4 = narrow(in4, 0, 0, 16)
+%5 = narrow(in3, 0, 16, 32)
+%6 = narrow(in4, 0, 16, 32)
+%7 = linear(%2, %5, %6)
+%8 = split(%7, [16, 16], -1)
+%9 = getitem(%8, 0)
+%10 = getitem(%8, 1)
+%11 = unflatten(%9, -1, (2, -1))
+%12 = transpose(%11, 1, 2)
+%13 = unflatten(%10, -1, (2, -1))
+%14 = transpose(%13, 1, 2)
+%15 = select_tokens(in2, %0, toca_b0_ref, 4)
+%16 = gather_rows(%2, 1, %15)
+%17 = linear(%16, %3, %4)
+%18 = unflatten(%17, -1, (2, -1))
+%19 = transpose(%18, 1, 2)
+%20 = scaled_dot_product_attention(%19, %12, %14)
+%21 = transpose(%20, 1, 2)
+%22 = flatten(%21, 2)
+%23 = linear(%22, in5, in6)
+%24 = scatter_rows(toca_b0_cache, 1, %15, %23)
+%25 = add(in2, %24)
+%26 = select_tokens(%25, %1, toca_b1_ref, 4)
+%27 = gather_rows(%25, 1, %26)
+%28 = layer_norm(%27, (16,), in7, in8, 1e-05)
+%29 = linear(%28, in9, in10)
+%30 = gelu(%29)
+%31 = linear(%30, in11, in12)
+%32 = scatter_rows(toca_b1_cache, 1, %26, %31)
+%33 = add(%25, %32)
+return (%33,)""")
+
+    def test_partial_steps_match_hand_written_cache(self):
+        block, backend = _compiled()
+        fast = torch.compile(block, backend=backend, dynamic=False)
+        reference = _Reference(block)
+        policy = ToCaPolicy(ToCaConfig(**CONFIG))
+        g = torch.Generator().manual_seed(1)
+        x, drift = torch.randn(2, TOKENS, DIM, generator=g), torch.randn(2, TOKENS, DIM, generator=g)
+        with torch.no_grad():
+            for step in range(CONFIG["num_steps"]):
+                inputs = x + 0.05 * step * drift
+                expected = reference(inputs, policy.label(step, CONFIG["num_steps"]) == FULL)
+                torch.testing.assert_close(fast(inputs), expected, rtol=1e-5, atol=1e-5, msg=f"step {step}")
+        assert backend.stats()["calls"] == {"full": 2, "partial": 2}
+
+
+class _Reference:
+    """ToCa on `FusedBlock` by hand: the queries of the chosen tokens gathered from every token's."""
+
+    def __init__(self, block: FusedBlock):
+        self.block = block
+        self.k = int(RATIO * TOKENS)
+        self.cache, self.stale, self.ref = {}, {}, {}
+
+    def __call__(self, x: torch.Tensor, full: bool) -> torch.Tensor:
+        b = self.block
+        x = x + self._branch("attn", full, x, lambda z, rows: b.attn(b.norm1(z), rows))
+        return x + self._branch("mlp", full, x, lambda z, rows: b.mlp(b.norm2(z if rows is None else z[:, rows])))
+
+    def _branch(self, name: str, full: bool, x: torch.Tensor, fn) -> torch.Tensor:
+        if full:
+            self.cache[name] = fn(x, None)
+            self.stale[name], self.ref[name] = torch.zeros(TOKENS), torch.zeros(TOKENS)
+            refresh_scores(x, self.stale[name], self.ref[name])
+        else:
+            rows = select_tokens(x, self.stale[name], self.ref[name], self.k)
+            self.cache[name][:, rows] = fn(x, rows)
+        return self.cache[name]
+
+
+def test_a_split_the_analysis_cannot_follow_keeps_the_fused_projection(monkeypatch):
+    # Without its rule for `split` the analysis would lose the attention branch of the split graph.
+    monkeypatch.delitem(tokens._RULES, "split")
+    block, backend = _compiled()
+    torch.compile(block, backend=backend, dynamic=False)(torch.randn(2, TOKENS, DIM))
+    partial = backend.graphs[0].variant_graph("partial")
+    assert [n for n in partial.graph.nodes if op_name(n) == "narrow"] == []
+    assert [n.args[0].name for n in partial.graph.nodes if op_name(n) == "scatter_rows"] == ["toca_b0_cache", "toca_b1_cache"]
