@@ -34,6 +34,12 @@ times are cold whatever ran before. --parallel-compile sets the toca settings' T
 (auto: on with 8 or more cores); a run with "off" and one with "on" compare the two. The JSON rows of
 toca settings also hold whether workers compiled ahead ("parallel_compile") and how many variants
 were loaded from the caches ("cache_hits": those the workers compiled).
+
+toca_fx compiles its variants with one-pass reductions over rows of up to 4096 elements, where
+Inductor loops over rows longer than 1024 (toca_fx/inductor.py), and its full steps gain from that
+too. --like-for-like adds plain Inductor compiled with that same choice ("plain, toca_fx's
+reductions"), and the toca rows' speedup and efficiency against it ("... vs same reductions"): what
+caching alone buys, beside the speedup over plain Inductor as it ships.
 """
 from __future__ import annotations
 
@@ -56,6 +62,7 @@ from torch._dynamo.utils import counters
 
 import toca_fx
 from toca_fx import ToCaBackend, ToCaConfig
+from toca_fx.inductor import wide_row_reductions
 from toca_fx.models import DiT, PixArt
 
 
@@ -123,6 +130,7 @@ def _flux(**config: Any) -> Callable[[], torch.nn.Module]:
 
 
 # FLUX.1-dev's transformer (12B parameters): 19 double-stream and 38 single-stream blocks, hidden size 3072.
+SAME_REDUCTIONS = "plain, toca_fx's reductions"  # --like-for-like's baseline
 FLUX_DEV = dict(in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24,
                 joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56))
 # The attention score's map from 64 sampled queries, as for PixArt: all 4608 would cost a 4608 x 4608 map per head.
@@ -246,6 +254,7 @@ def run_case(
     case: Case, device: torch.device, dtype: torch.dtype, repeats: int, modes: list, log: Callable, skip: str | None = None,
     cache_dir: Path | None = None,
     parallel_compile: bool | None = None,
+    like_for_like: bool = False,
 ) -> list[dict]:
     model, x0, args_of = build(case, device, dtype)
     rows, reference = [], None
@@ -253,6 +262,8 @@ def run_case(
     for mode in modes:
         suffix = " +cudagraphs" if mode else ""
         runs.append((f"inductor{suffix}", "inductor", mode))
+        if like_for_like:
+            runs.append((f"{SAME_REDUCTIONS}{suffix}", SAME_REDUCTIONS, mode))
         runs += [(f"{name}{suffix}", config, mode) for name, config in case.settings]
     runs = [r for r in runs if not (skip and re.search(skip, r[0])) or r[1] == "inductor"]
     for name, backend, mode in runs:
@@ -263,9 +274,11 @@ def run_case(
         if isinstance(backend, ToCaConfig):
             backend = ToCaBackend(replace(backend, parallel_compile=parallel_compile))
             parallel = toca_fx.parallel_compile.enabled(parallel_compile, {})  # as this setting starts
-        fn = model if backend is None else torch.compile(model, backend=backend, dynamic=False, mode=mode)
+        compiler = "inductor" if backend == SAME_REDUCTIONS else backend
+        fn = model if backend is None else torch.compile(model, backend=compiler, dynamic=False, mode=mode)
         counters.clear()
-        with fresh_inductor_caches(cache_dir):
+        choices = wide_row_reductions() if backend == SAME_REDUCTIONS else contextlib.nullcontext()
+        with fresh_inductor_caches(cache_dir), choices:  # compiles at the first call, in this thread
             result = time_generations(fn, x0, args_of, case.steps, repeats, case.cfg)
         sample = result.pop("sample")
         if reference is None and name.startswith("inductor"):
@@ -339,30 +352,40 @@ def default_dtype(dtype: torch.dtype | None) -> Iterator[None]:
 
 def _relative(rows: list[dict]) -> list[dict]:
     base = {("cudagraphs" in r["setting"]): r for r in rows if r["setting"].startswith("inductor")}
+    same = {("cudagraphs" in r["setting"]): r for r in rows if r["setting"].startswith(SAME_REDUCTIONS)}
     for r in rows:
-        ref = base.get("cudagraphs" in r["setting"]) or base.get(False) or base[True]  # eager: either baseline
+        graphed = "cudagraphs" in r["setting"]
+        ref = base.get(graphed) or base.get(False) or base[True]  # eager: either baseline
         r["speedup"] = ref["ms"] / r["ms"]
         r["compile_vs_inductor"] = r["compile_s"] / max(ref["compile_s"], 1e-9)
         r["peak_vs_inductor"] = r["peak"] / ref["peak"] if ref["peak"] else 0.0
         if "flops_ratio" in r:
             r["theoretical"] = 1.0 / r["flops_ratio"]
             r["efficiency"] = r["speedup"] / r["theoretical"]
+            if graphed in same:
+                r["speedup_same_reductions"] = same[graphed]["ms"] / r["ms"]
+                r["efficiency_same_reductions"] = r["speedup_same_reductions"] / r["theoretical"]
     return rows
 
 
 def markdown(rows: list[dict], header: str) -> str:
+    same = any(SAME_REDUCTIONS in r["setting"] for r in rows)
     cols = ["model", "setting", "ms/gen", "speedup vs Inductor", "theoretical", "efficiency", "compile s", "compile x",
             "peak GiB", "peak x", "cache MiB", "rel L2 vs uncached"]
+    cols += ["speedup vs same reductions", "efficiency vs same reductions"] if same else []
     lines = [header, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
-        lines.append("| " + " | ".join([
+        cells = [
             r["model"], r["setting"], f"{r['ms']:.1f} ± {r['spread'] / 2:.1f}", f"{r['speedup']:.2f}x",
             f"{r['theoretical']:.2f}x" if "theoretical" in r else "1.00x",
             f"{r['efficiency']:.2f}" if "efficiency" in r else "-",
             f"{r['compile_s']:.1f}", f"{r['compile_vs_inductor']:.2f}",
             f"{r['peak'] / 2**30:.2f}", f"{r['peak_vs_inductor']:.2f}",
             f"{r.get('cache_bytes', 0) / 2**20:.0f}", f"{r['rel_l2']:.4f}",
-        ]) + " |")
+        ]
+        if same:
+            cells += [f"{r['speedup_same_reductions']:.2f}x", f"{r['efficiency_same_reductions']:.2f}"] if "efficiency_same_reductions" in r else ["-", "-"]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -377,6 +400,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cache-dir", type=Path, help="Inductor's caches in this directory, kept (a second run times warm "
                         "compiles), instead of a fresh one per setting")
     parser.add_argument("--skip", help="regular expression: settings to leave out (the Inductor baseline always runs)")
+    parser.add_argument("--like-for-like", action="store_true",
+                        help="also time plain Inductor with toca_fx's choice of reductions, and the toca rows against it")
     parser.add_argument("--parallel-compile", choices=["auto", "on", "off"], default="auto",
                         help="ToCaConfig.parallel_compile of the toca settings: None (on with 8 or more cores), True, False")
     args = parser.parse_args(argv)
@@ -396,7 +421,7 @@ def main(argv: list[str] | None = None) -> None:
         parallel = {"auto": None, "on": True, "off": False}[args.parallel_compile]
         rows += run_case(
             table[name], device, dtype, args.repeats, modes if device.type == "cuda" else [None], log, args.skip,
-            args.cache_dir, parallel,
+            args.cache_dir, parallel, args.like_for_like,
         )
         (args.out / "results.json").write_text(json.dumps(rows, indent=1))
         (args.out / "benchmarks.md").write_text(markdown(rows, header) + "\n")

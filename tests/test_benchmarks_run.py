@@ -105,3 +105,22 @@ def test_relative_compares_each_row_with_the_baseline_of_its_mode():
     both = run._relative([row("inductor", 300.0), row("inductor +cudagraphs", 200.0), row("toca", 150.0),
                           row("toca +cudagraphs", 100.0)])
     assert [r["speedup"] for r in both] == [1.0, 1.0, 2.0, 2.0]
+
+
+def test_like_for_like_rows_are_a_second_reference_not_the_baseline():
+    def row(setting, ms, **extra):
+        return {"model": "m", "setting": setting, "ms": ms, "spread": 0.0, "compile_s": 1.0, "peak": 100, "rel_l2": 0.0, **extra}
+
+    rows = run._relative([
+        row("inductor +cudagraphs", 200.0),
+        row(f"{run.SAME_REDUCTIONS} +cudagraphs", 180.0),
+        row("toca +cudagraphs", 100.0, flops_ratio=0.4),
+    ])
+    assert [r["speedup"] for r in rows] == [1.0, pytest.approx(200 / 180), 2.0]  # plain Inductor stays the baseline
+    assert rows[2]["speedup_same_reductions"] == pytest.approx(1.8)
+    assert rows[2]["efficiency_same_reductions"] == pytest.approx(0.72)
+    assert "efficiency_same_reductions" not in rows[1]
+    table = run.markdown(rows, "header").splitlines()
+    assert table[2].endswith("| efficiency vs same reductions |")
+    assert table[-1].endswith("| 1.80x | 0.72 |") and table[-2].endswith("| - | - |")
+    assert "same reductions" not in run.markdown(run._relative([row("inductor", 1.0)]), "h")

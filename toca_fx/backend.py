@@ -93,7 +93,7 @@ class ToCaBackend:
 
     def _plain(self, gm: fx.GraphModule, example_inputs: list[Any], options: dict, why: str) -> Callable:
         warnings.warn(f"toca_fx: graph compiled without caching: {why}", ToCaWarning, stacklevel=3)
-        return _compile(gm, example_inputs, self.config.inner, options)
+        return _compile(gm, example_inputs, self.config.inner, options, wide_rows=False)
 
 
 @dataclass(eq=False)
@@ -342,8 +342,8 @@ def _fraction(num: int, den: int) -> float:
     return num / den if den else 1.0
 
 
-def _compile(gm: fx.GraphModule, inputs: list[Any], inner: str, options: dict) -> Callable:
-    return gm if inner == "eager" else compile_inductor(gm, inputs, _patches(options))
+def _compile(gm: fx.GraphModule, inputs: list[Any], inner: str, options: dict, wide_rows: bool = True) -> Callable:
+    return gm if inner == "eager" else compile_inductor(gm, inputs, _patches(options), wide_rows)
 
 
 def _patches(options: dict) -> dict:

@@ -10,9 +10,17 @@ functions marked, keyed by a hash of toca_fx's source (an edit of toca_fx invali
 
 The fakes are made from the inputs' metadata alone (`TensorMeta`), so a process that holds only the
 metadata (a worker of `parallel_compile`) compiles under the same cache keys.
+
+Rows of up to `PERSISTENT_ROWS` elements reduce in one pass (`wide_rows_choices`). A partial step still runs the
+residual update, layer norm and token norm of every token after each branch; over DiT hidden sizes
+(1152 to 3072) Inductor makes those reductions loops, which read their inputs twice
+(benchmarks/residual_pass.py, H100: a PixArt-1024 pass 46.1 us looped, 32.4 persistent, 27.5 for a
+copy of its bytes). Full steps get the same kernels, so benchmarks/run.py --like-for-like also times
+plain Inductor with this choice.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 from dataclasses import dataclass
@@ -26,6 +34,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
 _MARKED = "unsafe_marked_cacheable_functions"
+PERSISTENT_ROWS = 4096  # Inductor's own limit is 1024
+_ROWS_KEY = "toca_fx.persistent_rows"  # in the marked functions, so the choice is in the cache keys
 
 
 @dataclass(frozen=True)
@@ -58,8 +68,9 @@ class TensorMeta:
         return torch.nn.Parameter(t, self.requires_grad) if self.parameter else t.requires_grad_(self.requires_grad)
 
 
-def compile_inductor(gm: fx.GraphModule, inputs: list[Any], patches: dict[str, Any]) -> Callable:
-    """`compile_fx(gm, inputs)` under the Inductor config `patches`, cacheable (see the module's doc).
+def compile_inductor(gm: fx.GraphModule, inputs: list[Any], patches: dict[str, Any], wide_rows: bool = True) -> Callable:
+    """`compile_fx(gm, inputs)` under the Inductor config `patches`, cacheable (see the module's doc),
+    with `wide_rows_choices`' reductions unless `wide_rows` is False (Inductor's own choice, as plain Inductor).
     `inputs`: tensors or `TensorMeta`s, and other values as they are; only tensors' metadata is read."""
     from torch._inductor.compile_fx import compile_fx
 
@@ -67,10 +78,47 @@ def compile_inductor(gm: fx.GraphModule, inputs: list[Any], patches: dict[str, A
     metas = [TensorMeta.of(x) for x in inputs]
     gm = _with_example_values(gm, metas, fake_mode)
     marked = {**patches.get(_MARKED, torch._inductor.config.unsafe_marked_cacheable_functions), **_toca_functions(gm)}
+    if wide_rows:
+        marked[_ROWS_KEY] = str(PERSISTENT_ROWS)
     with fake_mode:
         fakes = [m.fake() if isinstance(m, TensorMeta) else m for m in metas]
-    with tracing(TracingContext(fake_mode)):
+    with tracing(TracingContext(fake_mode)), (wide_row_reductions() if wide_rows else contextlib.nullcontext()):
         return compile_fx(gm, fakes, config_patches={**patches, _MARKED: marked})
+
+
+def wide_row_reductions() -> contextlib.AbstractContextManager[None]:
+    """Compilations in this thread, inside the context, choose their reductions as `WideRows`."""
+    from torch._inductor.virtualized import V
+
+    return V.set_choices_handler(wide_rows_choices()())
+
+
+@functools.cache
+def wide_rows_choices() -> type:
+    """`WideRows`: Inductor's choices, except that a reduction along contiguous rows of up to
+    PERSISTENT_ROWS elements is persistent (one pass, the row in registers), not a loop over the row,
+    where Inductor would loop only for the row's length. Made on first use: Inductor's choices module
+    takes seconds to import."""
+    from torch._inductor.choices import InductorChoices
+    from torch._inductor.runtime.hints import ReductionHint
+    from torch._inductor.virtualized import V
+
+    class WideRows(InductorChoices):
+        @staticmethod
+        def should_use_persistent_reduction(features: Any, cooperative_reduction: bool) -> bool:
+            if InductorChoices.should_use_persistent_reduction(features, cooperative_reduction):
+                return True
+            config = torch._inductor.config
+            strict = getattr(features, "strict_sum_rblock", None)  # torch >= 2.14: a sum's block is fixed
+            return bool(
+                config.triton.persistent_reductions
+                and not (cooperative_reduction or config.triton.multi_kernel)  # those weigh both kinds themselves
+                and features.get_reduction_hint() == ReductionHint.INNER
+                and (strict is None or strict() is None)
+                and V.graph.sizevars.statically_known_leq(features.reduction_numel, PERSISTENT_ROWS)
+            )
+
+    return WideRows
 
 
 def _with_example_values(gm: fx.GraphModule, metas: list[Any], fake_mode: FakeTensorMode) -> fx.GraphModule:
