@@ -274,10 +274,10 @@ def run_case(
         if isinstance(backend, ToCaConfig):
             backend = ToCaBackend(replace(backend, parallel_compile=parallel_compile))
             parallel = toca_fx.parallel_compile.enabled(parallel_compile, {})  # as this setting starts
-        compiler = "inductor" if backend == SAME_REDUCTIONS else backend
-        fn = model if backend is None else torch.compile(model, backend=compiler, dynamic=False, mode=mode)
+        same = backend == SAME_REDUCTIONS
+        fn = model if backend is None else torch.compile(model, backend="inductor" if same else backend, dynamic=False, mode=mode)
         counters.clear()
-        choices = wide_row_reductions() if backend == SAME_REDUCTIONS else contextlib.nullcontext()
+        choices = wide_row_reductions() if same else contextlib.nullcontext()
         with fresh_inductor_caches(cache_dir), choices:  # compiles at the first call, in this thread
             result = time_generations(fn, x0, args_of, case.steps, repeats, case.cfg)
         sample = result.pop("sample")
@@ -351,8 +351,7 @@ def default_dtype(dtype: torch.dtype | None) -> Iterator[None]:
 
 
 def _relative(rows: list[dict]) -> list[dict]:
-    base = {("cudagraphs" in r["setting"]): r for r in rows if r["setting"].startswith("inductor")}
-    same = {("cudagraphs" in r["setting"]): r for r in rows if r["setting"].startswith(SAME_REDUCTIONS)}
+    base, same = _by_mode(rows, "inductor"), _by_mode(rows, SAME_REDUCTIONS)
     for r in rows:
         graphed = "cudagraphs" in r["setting"]
         ref = base.get(graphed) or base.get(False) or base[True]  # eager: either baseline
@@ -366,6 +365,11 @@ def _relative(rows: list[dict]) -> list[dict]:
                 r["speedup_same_reductions"] = same[graphed]["ms"] / r["ms"]
                 r["efficiency_same_reductions"] = r["speedup_same_reductions"] / r["theoretical"]
     return rows
+
+
+def _by_mode(rows: list[dict], prefix: str) -> dict[bool, dict]:
+    """The rows whose setting starts with `prefix`, by whether they run in CUDA graphs."""
+    return {("cudagraphs" in r["setting"]): r for r in rows if r["setting"].startswith(prefix)}
 
 
 def markdown(rows: list[dict], header: str) -> str:

@@ -14,7 +14,7 @@ metadata (a worker of `parallel_compile`) compiles under the same cache keys.
 Rows of up to `PERSISTENT_ROWS` elements reduce in one pass (`wide_rows_choices`). A partial step still runs the
 residual update, layer norm and token norm of every token after each branch; over DiT hidden sizes
 (1152 to 3072) Inductor makes those reductions loops, which read their inputs twice
-(benchmarks/residual_pass.py, H100: a PixArt-1024 pass 46.1 us looped, 32.4 persistent, 27.5 for a
+(benchmarks/residual_pass.py, H100: a PixArt-1024 pass 46.6 us looped, 32.2 in one pass, 27.6 for a
 copy of its bytes). Full steps get the same kernels, so benchmarks/run.py --like-for-like also times
 plain Inductor with this choice.
 """

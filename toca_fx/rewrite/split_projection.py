@@ -14,6 +14,7 @@ linear: they are projected for the chosen tokens only, not for every token and g
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import operator
 from typing import Any
@@ -166,13 +167,7 @@ def _kind(needs: dict[fx.Node, set[str]], items: list[fx.Node]) -> str | None:
 
 def _runs_by(want: list[str | None]) -> list[list[int]]:
     """Consecutive pieces wanted alike: [rows, full, full] -> [[0], [1, 2]]."""
-    runs: list[list[int]] = []
-    for i, w in enumerate(want):
-        if runs and want[runs[-1][-1]] == w:
-            runs[-1].append(i)
-        else:
-            runs.append([i])
-    return runs
+    return [[i for i, _ in run] for _, run in itertools.groupby(enumerate(want), key=operator.itemgetter(1))]
 
 
 def _moved(node: fx.Node, axis: int, ndim: int) -> int | None:
