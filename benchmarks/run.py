@@ -33,7 +33,11 @@ Each setting compiles into fresh Inductor caches (a temporary TORCHINDUCTOR_CACH
 times are cold whatever ran before. --parallel-compile sets the toca settings' ToCaConfig.parallel_compile
 (auto: on with 8 or more cores); a run with "off" and one with "on" compare the two. The JSON rows of
 toca settings also hold whether workers compiled ahead ("parallel_compile") and how many variants
-were loaded from the caches ("cache_hits": those the workers compiled).
+were loaded from the caches ("cache_hits": those the workers compiled), and per variant where its
+compile time went ("compile_times", from ToCaBackend.stats()). Every row holds, of its first
+generation, each call's host seconds ("first_calls_s": a call that compiles or waits for a worker
+stands out), Dynamo's timed phases in this process ("compile_phases_s") and how many kernels had
+their configs timed at a first run ("autotuned_kernels").
 
 toca_fx compiles its variants with one-pass reductions over rows of up to 4096 elements, where
 Inductor loops over rows longer than 1024 (toca_fx/inductor.py), and its full steps gain from that
@@ -47,6 +51,7 @@ import argparse
 import contextlib
 import gc
 import json
+import logging
 import os
 import re
 import statistics
@@ -58,11 +63,12 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
-from torch._dynamo.utils import counters
+from torch._dynamo.utils import compilation_time_metrics, counters
 
 import toca_fx
 from toca_fx import ToCaBackend, ToCaConfig
 from toca_fx.inductor import wide_row_reductions
+from torch._inductor.utils import clear_caches
 from toca_fx.models import DiT, PixArt
 
 
@@ -221,11 +227,15 @@ def _output(out: Any) -> torch.Tensor:
 def time_generations(fn: Callable, x0, args_of, steps: int, repeats: int, cfg: bool = True) -> dict[str, Any]:
     sync = torch.cuda.synchronize if x0.is_cuda else (lambda: None)
     sync()
+    compilation_time_metrics.clear()
+    calls: list[float] = []  # the first generation's calls, in seconds of this thread: where compiling waits
     start = time.perf_counter()
     with torch.no_grad():
-        sample = generate(fn, x0, args_of, steps, cfg=cfg)
+        sample = generate(_timed(fn, calls), x0, args_of, steps, cfg=cfg)
     sync()
     first = time.perf_counter() - start
+    phases = _compile_phases()
+    autotuned = len(compilation_time_metrics.get("CachingAutotuner.benchmark_all_configs", []))
     if x0.is_cuda:
         torch.cuda.reset_peak_memory_stats()
     times = []
@@ -233,7 +243,31 @@ def time_generations(fn: Callable, x0, args_of, steps: int, repeats: int, cfg: b
         times.append(elapsed(lambda: generate(fn, x0, args_of, steps, cfg=cfg), x0.is_cuda))
     median = statistics.median(times)
     peak = torch.cuda.max_memory_allocated() if x0.is_cuda else 0
-    return {"ms": median * 1e3, "spread": (max(times) - min(times)) * 1e3, "compile_s": first - median, "peak": peak, "sample": sample}
+    return {"ms": median * 1e3, "spread": (max(times) - min(times)) * 1e3, "compile_s": first - median, "peak": peak,
+            "first_calls_s": [round(c, 2) for c in calls], "compile_phases_s": phases, "autotuned_kernels": autotuned, "sample": sample}
+
+
+def _timed(fn: Callable, calls: list[float]) -> Callable:
+    """`fn`, appending each call's host seconds to `calls` (compiles at first calls, launches otherwise)."""
+    def timed(*args, **kwargs):
+        start = time.perf_counter()
+        out = fn(*args, **kwargs)
+        calls.append(time.perf_counter() - start)
+        return out
+    return timed
+
+
+# Dynamo's timed phases that split a compile between tracing, the backend, Inductor's stages and this
+# process's waits for kernel builds (nested: "compile_fx_inner" holds the Inductor stages below it).
+_PHASES = ("_compile.compile_inner", "OutputGraph.call_user_compiler", "create_aot_dispatcher_function",
+           "compile_fx_inner", "GraphLowering.run", "_recursive_post_grad_passes", "Scheduler.__init__",
+           "GraphLowering.codegen", "PyCodeCache.load_by_key_path", "async_compile.wait", "build_guards", "gc",
+           "CachingAutotuner.benchmark_all_configs")  # the last: timing a kernel's configs at its first run
+
+
+def _compile_phases() -> dict[str, float]:
+    """Seconds of this process in each of `_PHASES` since `compilation_time_metrics` was cleared."""
+    return {k: round(sum(compilation_time_metrics[k]), 2) for k in _PHASES if k in compilation_time_metrics}
 
 
 def elapsed(work: Callable, cuda: bool) -> float:
@@ -257,6 +291,7 @@ def run_case(
     like_for_like: bool = False,
 ) -> list[dict]:
     model, x0, args_of = build(case, device, dtype)
+    warm_up(model, x0, args_of, case.cfg)
     rows, reference = [], None
     runs: list[tuple[str, Any, str | None]] = [("eager", None, None)]  # (setting, backend, mode)
     for mode in modes:
@@ -287,7 +322,8 @@ def run_case(
         if isinstance(backend, ToCaBackend):
             stats = backend.stats()
             row.update(flops_ratio=stats["flops_ratio"], cache_bytes=stats["cache_bytes"], compiles=stats["compiles"],
-                       parallel_compile=parallel, cache_hits=counters["inductor"]["fxgraph_cache_hit"])  # workers' variants
+                       parallel_compile=parallel, cache_hits=counters["inductor"]["fxgraph_cache_hit"],  # workers' variants
+                       compile_times=stats["compile_times"])
         row["rel_l2"] = (sample.float() - reference.float()).norm().item() / reference.float().norm().item() if reference is not None else 0.0
         rows.append(row)
         log(row)
@@ -295,22 +331,44 @@ def run_case(
     return _relative(rows)
 
 
+def warm_up(model: torch.nn.Module, x0: torch.Tensor, args_of: Callable, cfg: bool) -> None:
+    """What the first setting would otherwise pay alone in its compile time: the libraries' first use
+    (CUDA context, cuBLAS, cuDNN: one eager model call) and Inductor's (its pool of compile processes
+    and Triton: a small function compiled and run). Plain Inductor's cold compile of PixArt-1024, the
+    first setting, measured 33.6-51.5 s in four runs without it on an H100, 25.8-36.2 s in three with it."""
+    batch = torch.cat([x0, x0]) if cfg else x0
+    with torch.no_grad():
+        call(model, args_of(batch, torch.full((batch.shape[0],), 500.0, device=x0.device)))
+        with fresh_inductor_caches():
+            torch.compile(lambda x: torch.nn.functional.gelu(x).sum(-1), dynamic=False)(x0.flatten(1))
+    torch._dynamo.reset()
+
+
 @contextlib.contextmanager
 def fresh_inductor_caches(kept: Path | None = None) -> Iterator[None]:
     """Inductor's on-disk caches (and Triton's, which lie inside them) in a new temporary directory, so
     that each setting's compile time is cold: toca_fx's variants hit the caches, and a "+cudagraphs"
     setting compiles the same graphs as its plain one (its CUDA graphs are toca_fx's own). With `kept`,
-    in that directory instead, which outlives the run: a second run with it times warm compiles."""
-    before = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    in that directory instead, which outlives the run: a second run with it times warm compiles. The
+    process's in-memory caches of compiled kernels are emptied too: else a setting would load the
+    kernels that an earlier setting compiled from the same code (a toca_fx full step's are largely
+    plain Inductor's)."""
+    names = ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")
+    before = {name: os.environ.get(name) for name in names}
     with contextlib.nullcontext(str(kept)) if kept else tempfile.TemporaryDirectory(prefix="toca_fx_bench_") as path:
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = path
+        # Triton's too, as torch's own fresh_cache() sets it: Inductor fixes TRITON_CACHE_DIR in the
+        # environment at its first kernel, which would leave every later setting on the first one's.
+        os.environ.update(zip(names, (path, os.path.join(path, "triton"))))
+        clear_caches()
         try:
             yield
         finally:
-            if before is None:
-                del os.environ["TORCHINDUCTOR_CACHE_DIR"]
-            else:
-                os.environ["TORCHINDUCTOR_CACHE_DIR"] = before
+            clear_caches()
+            for name, value in before.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
 
 
 def build(case: Case, device: torch.device, dtype: torch.dtype) -> tuple[torch.nn.Module, torch.Tensor, Callable]:
@@ -409,6 +467,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--parallel-compile", choices=["auto", "on", "off"], default="auto",
                         help="ToCaConfig.parallel_compile of the toca settings: None (on with 8 or more cores), True, False")
     args = parser.parse_args(argv)
+    logging.basicConfig(format="%(message)s")
+    logging.getLogger("toca_fx").setLevel(logging.INFO)  # each variant's compile, as it ends: progress
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     table = cases(args.tiny)

@@ -222,3 +222,25 @@ def test_graphs_with_reused_branches_compile_with_capped_fusion(monkeypatch):
     _run(model, toca, step_inputs(model, 4))
     caps = [o["options"].get("max_fusion_size") for o in seen]
     assert caps == [None, 16, None, None]  # FORA's reuse step only; full steps and rows steps keep the default
+
+
+def test_caching_graphs_compile_without_timing_pointwise_configs(monkeypatch):
+    import toca_fx.backend as backend_module
+
+    seen = []
+    real = backend_module._compile
+    monkeypatch.setattr(backend_module, "_compile", lambda gm, inputs, inner, options: seen.append(options) or real(gm, inputs, inner, options))
+    model = tiny_dit()
+    toca = ToCaBackend(ToCaConfig(interval=2, ratio=0.5, num_steps=4, inner="eager"))
+    _run(model, toca, step_inputs(model, 4))
+    every_token = ToCaBackend(ToCaConfig(interval=4, ratio=1.0, self_attn="recompute", num_steps=4, inner="eager"))
+    _run(model, every_token, step_inputs(model, 4))
+    tuning = [o["options"].get("triton.autotune_pointwise") for o in seen]
+    assert tuning == [False, False, None]  # full and partial steps; the plain model's graph keeps Inductor's
+    # A user's own choice wins.
+    seen.clear()
+    mine = ToCaBackend(ToCaConfig(interval=2, ratio=0.5, num_steps=4, inner="eager"))
+    fast = torch.compile(model, backend=mine, dynamic=False, options={"triton.autotune_pointwise": True})
+    with torch.no_grad():
+        [fast(*args) for args in step_inputs(model, 4)]
+    assert {o["options"]["triton.autotune_pointwise"] for o in seen} == {True}

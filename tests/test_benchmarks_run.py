@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from pathlib import Path
 
@@ -124,3 +125,29 @@ def test_like_for_like_rows_are_a_second_reference_not_the_baseline():
     assert table[2].endswith("| efficiency vs same reductions |")
     assert table[-1].endswith("| 1.80x | 0.72 |") and table[-2].endswith("| - | - |")
     assert "same reductions" not in run.markdown(run._relative([row("inductor", 1.0)]), "h")
+
+
+def test_each_setting_compiles_cold(monkeypatch):
+    # Inductor's and Triton's caches in a new directory, the in-memory kernels emptied, both on the way
+    # in and out, and the caller's environment given back.
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/elsewhere")
+    monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
+    cleared = []
+    monkeypatch.setattr(run, "clear_caches", lambda: cleared.append(True))
+    with run.fresh_inductor_caches():
+        inductor, triton = os.environ["TORCHINDUCTOR_CACHE_DIR"], os.environ["TRITON_CACHE_DIR"]
+        assert Path(inductor).is_dir() and triton == os.path.join(inductor, "triton") and len(cleared) == 1
+    assert len(cleared) == 2 and not Path(inductor).exists()
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == "/elsewhere" and "TRITON_CACHE_DIR" not in os.environ
+
+
+def test_first_generation_is_recorded_call_by_call():
+    torch._dynamo.reset()
+    fn = torch.compile(lambda x, t, y: torch.cat([x * 2, x], dim=1), backend="inductor", dynamic=False)
+    x0, args_of = run._dit_inputs(4, 10)(1, torch.device("cpu"))
+    with run.fresh_inductor_caches():
+        result = run.time_generations(fn, x0, args_of, steps=3, repeats=1)
+    calls = result["first_calls_s"]
+    assert len(calls) == 3 and calls[0] > max(calls[1:])  # the first call compiles
+    assert result["compile_phases_s"]["compile_fx_inner"] > 0
+    assert set(result["compile_phases_s"]) <= set(run._PHASES)

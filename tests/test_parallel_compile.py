@@ -2,6 +2,7 @@
 results equal to compiling them here; workers run a few at a time, fail softly and never outlive it."""
 from __future__ import annotations
 
+import logging
 import sys
 import warnings
 from dataclasses import replace
@@ -11,13 +12,14 @@ import torch
 from torch._dynamo.utils import counters
 
 from toca_fx import ToCaConfig, parallel_compile
-from toca_fx.parallel_compile import Prefetch, _dump, _load
+from toca_fx.parallel_compile import _TIMES, Prefetch, _dump, _load
 
 from .helpers import tiny_dit_generation as _generation
 
 
-def test_variants_compiled_in_workers_are_loaded_from_the_caches_and_match(tmp_path, monkeypatch):
+def test_variants_compiled_in_workers_are_loaded_from_the_caches_and_match(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))  # read by this process and the workers
+    caplog.set_level(logging.INFO, logger="toca_fx")
     config = ToCaConfig(interval=2, ratio=0.5, num_steps=2)  # a full and a partial variant
     counters.clear()
     with warnings.catch_warnings(record=True) as caught:
@@ -26,6 +28,17 @@ def test_variants_compiled_in_workers_are_loaded_from_the_caches_and_match(tmp_p
     assert not [w for w in caught if "worker process" in str(w.message)]  # what a failed worker warns
     compiles = backend.stats()["compiles"]
     assert compiles == 2
+    # Progress and compile times: the full variant compiled here, the partial one by a worker.
+    full, partial = backend.stats()["compile_times"]
+    assert (full["label"], full["step"], partial["label"], partial["step"]) == ("full", 0, "partial", 1)
+    assert "worker" not in full and full["seconds"] > 0
+    assert partial["worker"]["starting"] > 0 and partial["worker"]["compiling"] > 0 and partial["worker"]["queued"] >= 0
+    messages = [r.getMessage() for r in caplog.records if r.name == "toca_fx"]
+    assert "the other 1 ahead in worker processes" in messages[0]
+    assert messages[1].startswith("toca_fx: variant 1 of 2 (full, first called at step 0) ready in ")
+    assert messages[1].endswith("compiled here")
+    assert messages[2].startswith("toca_fx: variant 2 of 2 (partial, first called at step 1)")
+    assert "compiled ahead in a worker: queued " in messages[2]
     # The full variant compiled here; the partial one, compiled by a worker meanwhile, loaded.
     assert counters["aot_autograd"]["autograd_cache_hit"] == counters["inductor"]["fxgraph_cache_hit"] == compiles - 1
     assert not parallel_compile._live  # every worker waited for
@@ -37,8 +50,9 @@ def test_variants_compiled_in_workers_are_loaded_from_the_caches_and_match(tmp_p
     torch._dynamo.reset()
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "serial"))
     counters.clear()
-    serial, _ = _generation(config)
+    serial, backend = _generation(config)
     assert counters["inductor"]["fxgraph_cache_miss"] == compiles  # compiled here, from scratch
+    assert not [row for row in backend.stats()["compile_times"] if "worker" in row]
     for step, (a, b) in enumerate(zip(parallel, serial)):
         assert torch.equal(a, b), f"step {step}"
 
@@ -86,6 +100,19 @@ def test_workers_run_a_few_at_a_time_in_order_and_are_all_reaped(workers):
     ahead.wait("b")
     assert not ahead.running and not ahead.queue and not parallel_compile._live
     assert [p.returncode for p in started.values()] == [0, 0]
+
+
+def test_workers_report_where_their_seconds_went(workers):
+    # Each sleeps for its job's seconds, then says when it began and ended, as a compiling worker does.
+    workers(f"import sys, time, json; b = time.time(); time.sleep(float(sys.stdin.read())); "
+            f"print({_TIMES!r} + json.dumps([b, time.time()]))")
+    ahead = Prefetch(max_workers=1)
+    ahead.add({"a": lambda: b"0.5", "b": lambda: b"0.2"})
+    assert ahead.wait("a") and ahead.wait("b")
+    a, b = ahead.times["a"], ahead.times["b"]
+    assert 0.5 <= a.compiling < 5 and 0.2 <= b.compiling < 5
+    assert a.starting > 0 and b.starting > 0
+    assert a.queued < 0.5 <= b.queued  # "b" waited for "a"'s slot
 
 
 def test_a_job_due_before_its_worker_started_is_left_to_the_caller(workers):

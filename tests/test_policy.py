@@ -31,7 +31,7 @@ def test_ratio_by_kind_depth_and_step():
     config = ToCaConfig(
         interval=10, ratio=0.1, self_attn="recompute",
         kind_factors={"self_attn": 0.0, "cross_attn": 1.0, "mlp": 2.0},
-        depth_factors=(1.5, 0.5), step_factors=(1.0, 2.0), step_levels=0,
+        depth_factors=(1.5, 0.5), step_factors=(1.0, 2.0), depth_levels=0, step_levels=0,
     )
     policy = ToCaPolicy(config)
     first = policy.plans(1, 11, BLOCKS)  # step factor 1.1
@@ -52,6 +52,22 @@ def test_step_levels_bound_the_partial_graphs():
     # Snapped to the nearest level: step 1 (factor 1.1) to 1.0, step 9 (1.9) to 2.0.
     policy = ToCaPolicy(ToCaConfig(interval=20, ratio=0.1, step_factors=(1.0, 2.0), step_levels=3))
     assert [policy.plans(s, 11, BLOCKS)[2].k for s in (1, 9)] == [10, 20]
+
+
+def test_depth_levels_share_row_counts_between_blocks():
+    # 28 MLPs of 4096 tokens on a 1.8 -> 0.2 ramp (ToCa's): a row count per block exactly, 4 with 4
+    # levels, the ends kept and the middle snapped to the nearest level (0.733 at depth 15 of 27).
+    mlps = _branches(["mlp"] * 28, tokens=4096)
+
+    def ks(levels):
+        config = ToCaConfig(interval=20, ratio=0.1, depth_factors=(1.8, 0.2), depth_levels=levels)
+        return [p.k for p in ToCaPolicy(config).plans(1, 10, mlps).values()]
+
+    exact, snapped = ks(0), ks(4)
+    assert len(set(exact)) == 28 and len(set(snapped)) == 4
+    assert snapped[0] == exact[0] == 738 and snapped[-1] == exact[-1] == 82  # ceil(409.6 x 1.8), (x 0.2)
+    assert snapped[15] == 301  # ceil(409.6 x 0.7333)
+    assert abs(sum(snapped) - sum(exact)) < 0.01 * sum(exact)  # the mean ratio kept
 
 
 def test_negative_factor_reuses_the_branch():
@@ -145,6 +161,7 @@ def test_dit_preset_is_tocas_published_setting():
         ("step_factors", (1.0, "x")),
         ("full_last", -1),
         ("step_levels", -1),
+        ("depth_levels", 1.5),
         ("interval_stretch", 1.0),
         ("dense_steps", (0.8, 0.6)),
         ("dense_steps", (0.0, 1.5)),

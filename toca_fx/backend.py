@@ -8,6 +8,8 @@ branches is compiled as plain Inductor would, with one warning saying why.
 """
 from __future__ import annotations
 
+import logging
+import time
 import warnings
 from collections import Counter
 from dataclasses import dataclass, replace
@@ -28,6 +30,9 @@ from .rewrite.variants import buffer_specs, build_variant, tag_branch
 from .shapes import PerShape
 from .state import CacheState
 from .store_placement import PlaceStores
+
+
+log = logging.getLogger("toca_fx")  # INFO: each variant's compilation, as it ends (they can take minutes)
 
 
 class ToCaWarning(UserWarning):
@@ -77,8 +82,8 @@ class ToCaBackend:
 
     def stats(self) -> dict[str, Any]:
         """Calls, compiles, cache bytes, the theoretical FLOPs of the calls so far relative to running
-        them uncached, and per branch the fraction of token rows recomputed and its own FLOP ratio
-        (scoring and gathering included)."""
+        them uncached, per branch the fraction of token rows recomputed and its own FLOP ratio (scoring
+        and gathering included), and per variant compiled its compile time (`CachedGraph.compile_times`)."""
         branches = [row for i, g in enumerate(self.graphs) for row in g.branch_stats(i)]
         calls = sum((g.state.calls for g in self.graphs), start=Counter())
         return {
@@ -89,6 +94,7 @@ class ToCaBackend:
             "computed_fraction": _fraction(sum(b["rows"] for b in branches), sum(b["capacity"] for b in branches)),
             "flops_ratio": _flops_ratio(self.graphs),
             "branches": branches,
+            "compile_times": [{"graph": i, **row} for i, g in enumerate(self.graphs) for row in g.compile_times()],
         }
 
     def _plain(self, gm: fx.GraphModule, example_inputs: list[Any], options: dict, why: str) -> Callable:
@@ -107,6 +113,8 @@ class _Variant:
     graph: fx.GraphModule | None = None
     used: frozenset[int] | None = None  # indices of the buffers its graph reads or writes
     fn: Callable | None = None  # compiled `graph`
+    seconds: float = 0.0  # its first call's wait for `fn`: compiling it, or its worker and loading it
+    worker: parallel_compile.WorkerTimes | None = None  # where a worker compiled it ahead
 
 
 class _Step(NamedTuple):
@@ -202,6 +210,19 @@ class CachedGraph:
             for b in self.analysis.branches
         ]
 
+    def compile_times(self) -> list[dict[str, Any]]:
+        """Per variant compiled, in that order: the label and step of its first call, the seconds that
+        call waited for it, and where a worker compiled it ahead, the worker's seconds."""
+        rows = []
+        for variant in self._compiled:
+            label, step = self._first_call(variant)
+            row = {"variant": variant.id, "label": label, "step": step, "seconds": variant.seconds}
+            if variant.worker is not None:
+                row["worker"] = {"queued": variant.worker.queued, "starting": variant.worker.starting,
+                                 "compiling": variant.worker.compiling}
+            rows.append(row)
+        return rows
+
     @property
     def n_compiled(self) -> int:
         return len(self._compiled)
@@ -252,10 +273,30 @@ class CachedGraph:
         if self._example is None:  # shapes only, for counting FLOPs on demand (buffers as allocated)
             self._example = shapes_of(list(args)) + [spec_shape(s) for s in self.state.specs]
         graphed = self._graphed(args)
+        start = time.perf_counter()
         with self._ahead.compiling(variant.id):  # after its worker, if one compiles it into the caches
             fn = _compile(self._graph(variant), inputs, self.config.inner, self._options(variant, graphed))
         variant.fn = self._cuda_graphed(fn, inputs) if graphed else fn
+        variant.seconds, variant.worker = time.perf_counter() - start, self._ahead.times.get(variant.id)
         self._compiled.append(variant)
+        if self.config.inner == "inductor":
+            log.info(self._compiled_message(variant))
+
+    def _compiled_message(self, variant: _Variant) -> str:
+        """Progress: this generation's variants compiled so far, and where this one's time went."""
+        label, step = self._first_call(variant)
+        ours = {s.variant.id for s in self._generations[self.state.num_steps]}
+        done = f"toca_fx: variant {sum(v.id in ours for v in self._compiled)} of {len(ours)} ({label}, first " \
+               f"called at step {step}) ready in {variant.seconds:.1f} s"
+        w = variant.worker
+        if w is None:
+            return f"{done}, compiled here"
+        return (f"{done}, compiled ahead in a worker: queued {w.queued:.1f} s, starting {w.starting:.1f} s, "
+                f"compiling {w.compiling:.1f} s")
+
+    def _first_call(self, variant: _Variant) -> tuple[str, int]:
+        """The label and step of the first step that runs `variant`."""
+        return next((s.label, i) for steps in self._generations.values() for i, s in enumerate(steps) if s.variant is variant)
 
     def _prefetch(self, first: _Variant, args: tuple) -> None:
         """At a generation's first compilation, its other variants go to workers that compile them into
@@ -265,7 +306,15 @@ class CachedGraph:
             return
         self._prefetched.add(num_steps)
         graphed = self._graphed(args)
-        if not parallel_compile.enabled(self.config.parallel_compile, _patches(self._options(first, graphed))):
+        ahead = parallel_compile.enabled(self.config.parallel_compile, _patches(self._options(first, graphed)))
+        count = len({s.variant.id for s in self._generations[num_steps]})
+        log.info(
+            f"toca_fx: a {num_steps}-step generation runs {count} variant(s), each one Inductor compilation of "
+            + ("the graph, at its first call" if not ahead or count == 1 else
+               f"the graph: the first here, the other {count - 1} ahead in worker processes "
+               f"(at most {self._ahead.max_workers} at a time)")
+        )
+        if not ahead:
             return
         metas = [TensorMeta.of(a) for a in args]  # the job made when a worker is free: no tensors kept
         jobs = {}
@@ -303,7 +352,7 @@ class CachedGraph:
         modes = {plan.mode for _, plan in variant.key}
         chains = "reuse" in modes and "rows" not in modes  # rows plans read the stream at every block
         options = {k: v for k, v in self.options.items() if not (graphed and k == "mode")}
-        patches = _REUSE_PATCHES if chains else {}
+        patches = {**(_CACHING_PATCHES if modes != {"compute"} else {}), **(_REUSE_PATCHES if chains else {})}
         options["options"] = {"post_grad_custom_post_pass": PlaceStores(), **patches, **(options.get("options") or {})}
         return options
 
@@ -314,6 +363,14 @@ class CachedGraph:
         static = [i >= n_args or hasattr(x, "_dynamo_static_input_type") for i, x in enumerate(inputs)]
         return CudaGraphed(fn, static, self._pool)
 
+
+# A caching variant's kernels differ from block to block (each block's rows of the state stacks and of
+# the step's chosen indices are constant offsets in their code; row counts vary with depth), so none is
+# shared and Inductor times each pointwise kernel's configs at its first run, on the critical path of a
+# first generation: PixArt-1024's preset timed 485 kernels for 28.0 s of its 98.1 s compile (plain
+# Inductor 17 kernels, 1.1 s). Without it, 100 kernels (reductions) for 3.7 s, and a generation ran in
+# 294.9 ms against 296.5 (H100, one run). The plain model's graph (ratio 1.0) keeps Inductor's.
+_CACHING_PATCHES = {"triton.autotune_pointwise": False}
 
 # With branches reused and none choosing rows, nothing reads the residual stream between the reused
 # adds, and Inductor fuses the whole chain into the next reduction (DiT: 56 adds into the final layer

@@ -51,6 +51,10 @@ class ToCaConfig:
     depth_factors: (first, last) ratio factor, linear over a branch's depth among branches of its kind.
     step_factors: (first, last) ratio factor, linear over the steps of a generation. Ratios are clamped
         to [0, 1], so a negative factor recomputes nothing (ToCa's 50-step DDIM schedule starts at -1).
+    depth_levels: the depth factor is snapped to the nearest of this many evenly spaced levels between
+        its ends, so that blocks share row counts and Inductor compiles fewer distinct kernels (PixArt-
+        1024's preset on an H100 compiled in 77.5 s with 4 levels, then 111.0 s with a row count per
+        block, for the same FLOPs and speed); 0 keeps the exact factor.
     step_levels: the step factor is snapped to the nearest of this many evenly spaced levels between
         its ends, so a step schedule compiles at most this many partial graphs (each distinct plan is
         one compilation); 0 keeps it exact (one graph per partial step).
@@ -74,6 +78,7 @@ class ToCaConfig:
     kind_factors: Any = (("self_attn", 1.0), ("cross_attn", 1.0), ("mlp", 1.0))
     depth_factors: tuple[float, float] = (1.0, 1.0)
     step_factors: tuple[float, float] = (1.0, 1.0)
+    depth_levels: int = 4
     step_levels: int = 4
     full_last: int = 0
     policy: Any = None
@@ -132,7 +137,8 @@ class ToCaConfig:
             ok = isinstance(value, tuple) and len(value) == 2 and all(_is_number(v) for v in value)
             _check(ok, name, "a (first, last) pair of numbers", value)
         _check(_is_int(self.full_last) and self.full_last >= 0, "full_last", "an int >= 0", self.full_last)
-        _check(_is_int(self.step_levels) and self.step_levels >= 0, "step_levels", "an int >= 0", self.step_levels)
+        for name in ("depth_levels", "step_levels"):
+            _check(_is_int(getattr(self, name)) and getattr(self, name) >= 0, name, "an int >= 0", getattr(self, name))
         _check(
             self.policy is None or all(callable(getattr(self.policy, m, None)) for m in ("label", "plans")),
             "policy", "None or an object with label() and plans()", self.policy,

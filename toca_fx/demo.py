@@ -10,6 +10,7 @@ SSIM of each cached sample against its uncached twin) and writes a PNG: uncached
 from __future__ import annotations
 
 import argparse
+import logging
 import struct
 import sys
 import time
@@ -26,6 +27,7 @@ from .sampling import ddim_sample
 
 def main(argv: list[str] | None = None) -> dict:
     args = _parser().parse_args(argv)
+    _show_compile_progress()
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     model = load_digits_dit(device=device).eval()
     classifier = load_digits_classifier(device=device)
@@ -54,6 +56,14 @@ def main(argv: list[str] | None = None) -> dict:
     print(_table(report))
     print(f"\nwrote {args.out}: uncached (left) and toca_fx (right), one row per class")
     return report
+
+
+def _show_compile_progress() -> None:
+    """toca_fx's INFO messages (each variant's compilation as it ends) on stderr, as the demo's own."""
+    log = logging.getLogger("toca_fx")
+    if not log.handlers:
+        log.addHandler(logging.StreamHandler(sys.stderr))
+    log.setLevel(logging.INFO)
 
 
 def _report(samples, seconds, labels, classifier, backend, steps) -> dict:

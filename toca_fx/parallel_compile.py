@@ -21,12 +21,14 @@ from __future__ import annotations
 import atexit
 import contextlib
 import importlib
+import json
 import os
 import pickle
 import signal
 import subprocess
 import sys
 import tempfile
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +44,7 @@ AUTO_MIN_CPUS = 8  # parallel_compile=None is on from this many usable cores (on
 _BENCHMARKING = ("max_autotune", "max_autotune_gemm", "max_autotune_pointwise", "coordinate_descent_tuning")
 _failed = False  # a worker failed: compile everything in this process from now on
 _live: set[_Worker] = set()  # started and not yet waited for
+_TIMES = "toca_fx worker times: "  # a worker's last line of output: when it began and ended compiling
 
 
 def enabled(setting: bool | None, patches: dict[str, Any]) -> bool:
@@ -63,6 +66,16 @@ def job(gm: fx.GraphModule, inputs: list[Any], patches: dict[str, Any]) -> bytes
     return pickle.dumps((_dump(gm), [TensorMeta.of(x) for x in inputs], patches, configs, _process_state()))
 
 
+@dataclass(frozen=True)
+class WorkerTimes:
+    """Where a worker's job spent its seconds: waiting for a free worker slot, starting (a fresh
+    interpreter importing torch and toca_fx), then compiling (Inductor, into the caches)."""
+
+    queued: float
+    starting: float
+    compiling: float
+
+
 class Prefetch:
     """Workers compiling jobs (`job`), started in the order added, with at most `max_workers` running in
     this process at a time (those of every graph's `Prefetch`)."""
@@ -78,9 +91,12 @@ class Prefetch:
         self.queue: dict[Hashable, Callable[[], bytes]] = {}  # key -> its job, made when started
         self.running: dict[Hashable, _Worker] = {}
         self.done: set[Hashable] = set()  # keys whose workers succeeded before their variants were due
+        self.times: dict[Hashable, WorkerTimes] = {}  # keys whose workers succeeded: their seconds
+        self._added: dict[Hashable, float] = {}  # key -> when its job was queued (time.time())
 
     def add(self, jobs: dict[Hashable, Callable[[], bytes]]) -> None:
         self.queue.update(jobs)
+        self._added.update(dict.fromkeys(jobs, time.time()))
         self._start_more()
 
     @contextlib.contextmanager
@@ -103,8 +119,7 @@ class Prefetch:
         if worker is not None:
             while not worker.ended(timeout=1.0):
                 self._start_more()  # slots that free up meanwhile go to the next jobs
-            if not _warn_if_failed(worker):
-                self.done.add(key)
+            self._reap(key, worker)
         self._start_more()
         if key in self.done:
             self.done.remove(key)
@@ -122,8 +137,7 @@ class Prefetch:
         for key, worker in list(self.running.items()):
             if worker.ended():  # reaped now, not left a zombie until its variant is due
                 del self.running[key]
-                if not _warn_if_failed(worker):
-                    self.done.add(key)
+                self._reap(key, worker)
         while self.queue and not _failed and sum(not w.ended() for w in list(_live)) < self.max_workers:
             key, make = next(iter(self.queue.items()))
             del self.queue[key]
@@ -136,15 +150,27 @@ class Prefetch:
         if _failed:
             self.queue.clear()
 
+    def _reap(self, key: Hashable, worker: _Worker) -> None:
+        """Book an ended worker: done (with its times) or failed (warns once)."""
+        began_ended = worker.times()  # read before `_warn_if_failed` closes its log
+        if _warn_if_failed(worker):
+            return
+        self.done.add(key)
+        if began_ended is not None:
+            began, ended = began_ended
+            queued = self._added.get(key, worker.started)
+            self.times[key] = WorkerTimes(worker.started - queued, began - worker.started, ended - began)
+
 
 @dataclass(eq=False)
 class _Worker:
     process: subprocess.Popen | None  # None: it could not be started (`log` says why)
     log: IO[bytes]  # its stdout and stderr: a file, since a pipe nobody reads could fill and stall it
+    started: float  # time.time() when it was started
 
     @classmethod
     def start(cls, data: bytes, threads: int) -> _Worker:
-        log = tempfile.TemporaryFile()
+        log, started = tempfile.TemporaryFile(), time.time()
         env = {**os.environ, "TORCHINDUCTOR_COMPILE_THREADS": str(threads)}
         try:
             with tempfile.TemporaryFile() as stdin:
@@ -156,8 +182,8 @@ class _Worker:
                 )
         except OSError as e:
             log.write(f"could not start: {e}".encode())
-            return cls(None, log)
-        worker = cls(process, log)
+            return cls(None, log, started)
+        worker = cls(process, log, started)
         _live.add(worker)
         return worker
 
@@ -177,6 +203,15 @@ class _Worker:
         self.log.seek(0)
         lines = self.log.read().decode(errors="replace").strip().splitlines()
         return lines[-1] if lines else f"exit status {self.process.returncode}"
+
+    def times(self) -> tuple[float, float] | None:
+        """When (time.time()) it began and ended compiling, from its last line; None if it did not say."""
+        self.log.seek(0)
+        lines = self.log.read().decode(errors="replace").strip().splitlines()
+        if not lines or not lines[-1].startswith(_TIMES):
+            return None
+        began, ended = json.loads(lines[-1][len(_TIMES):])
+        return began, ended
 
     def stop(self) -> None:
         """End it and its compile pool (its process group), and reap it."""
@@ -340,7 +375,8 @@ class _Global:
 
 
 def _main() -> None:
-    """A worker: compile the job on stdin into the caches."""
+    """A worker: compile the job on stdin into the caches; say when it began and ended (`_TIMES`)."""
+    began = time.time()
     graph, inputs, patches, configs, state = pickle.load(sys.stdin.buffer)
     threads = torch._inductor.config.compile_threads  # its own, from TORCHINDUCTOR_COMPILE_THREADS
     torch._inductor.config.load_config(configs[0])
@@ -348,3 +384,4 @@ def _main() -> None:
     torch._inductor.config.compile_threads = threads
     with _taking_on(state):
         compile_inductor(_load(graph), inputs, patches)
+    print(_TIMES + json.dumps([began, time.time()]), flush=True)

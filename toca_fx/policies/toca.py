@@ -53,7 +53,11 @@ class ToCaPolicy:
             return {b.index: BranchPlan("fill") for b in branches}
         step_f = snap(self.config.step_factors, ramp(self.config.step_factors, step, num_steps), self.config.step_levels)
         depth = depths(branches)
-        return {b.index: self._plan(b, step_f * ramp(self.config.depth_factors, *depth[b.index])) for b in branches}
+        return {b.index: self._plan(b, step_f * self._depth_factor(*depth[b.index])) for b in branches}
+
+    def _depth_factor(self, pos: int, count: int) -> float:
+        ends = self.config.depth_factors
+        return snap(ends, ramp(ends, pos, count), self.config.depth_levels)
 
     def _gap(self, step: int, num_steps: int) -> int:
         dense = self.config.dense_steps
