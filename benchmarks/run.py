@@ -64,11 +64,11 @@ from typing import Any, Callable, Iterator
 
 import torch
 from torch._dynamo.utils import compilation_time_metrics, counters
+from torch._inductor.utils import clear_caches
 
 import toca_fx
 from toca_fx import ToCaBackend, ToCaConfig
 from toca_fx.inductor import wide_row_reductions
-from torch._inductor.utils import clear_caches
 from toca_fx.models import DiT, PixArt
 
 

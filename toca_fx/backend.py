@@ -12,7 +12,7 @@ import logging
 import time
 import warnings
 from collections import Counter
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from typing import Any, Callable, NamedTuple
 
@@ -218,8 +218,7 @@ class CachedGraph:
             label, step = self._first_call(variant)
             row = {"variant": variant.id, "label": label, "step": step, "seconds": variant.seconds}
             if variant.worker is not None:
-                row["worker"] = {"queued": variant.worker.queued, "starting": variant.worker.starting,
-                                 "compiling": variant.worker.compiling}
+                row["worker"] = asdict(variant.worker)
             rows.append(row)
         return rows
 

@@ -138,7 +138,8 @@ class ToCaConfig:
             _check(ok, name, "a (first, last) pair of numbers", value)
         _check(_is_int(self.full_last) and self.full_last >= 0, "full_last", "an int >= 0", self.full_last)
         for name in ("depth_levels", "step_levels"):
-            _check(_is_int(getattr(self, name)) and getattr(self, name) >= 0, name, "an int >= 0", getattr(self, name))
+            value = getattr(self, name)
+            _check(_is_int(value) and value >= 0, name, "an int >= 0", value)
         _check(
             self.policy is None or all(callable(getattr(self.policy, m, None)) for m in ("label", "plans")),
             "policy", "None or an object with label() and plans()", self.policy,

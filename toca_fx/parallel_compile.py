@@ -200,18 +200,20 @@ class _Worker:
         """Why it failed (the last line of its log), or None if it succeeded."""
         if self.process is not None and self.process.returncode == 0:
             return None
-        self.log.seek(0)
-        lines = self.log.read().decode(errors="replace").strip().splitlines()
-        return lines[-1] if lines else f"exit status {self.process.returncode}"
+        return self._last_line() or f"exit status {self.process.returncode}"
 
     def times(self) -> tuple[float, float] | None:
         """When (time.time()) it began and ended compiling, from its last line; None if it did not say."""
+        last = self._last_line()
+        if not last.startswith(_TIMES):
+            return None
+        began, ended = json.loads(last[len(_TIMES):])
+        return began, ended
+
+    def _last_line(self) -> str:
         self.log.seek(0)
         lines = self.log.read().decode(errors="replace").strip().splitlines()
-        if not lines or not lines[-1].startswith(_TIMES):
-            return None
-        began, ended = json.loads(lines[-1][len(_TIMES):])
-        return began, ended
+        return lines[-1] if lines else ""
 
     def stop(self) -> None:
         """End it and its compile pool (its process group), and reap it."""

@@ -14,8 +14,10 @@ def ramp(ends: tuple[float, float], pos: int, count: int) -> float:
     return ends[0] if count <= 1 else ends[0] + (ends[1] - ends[0]) * pos / (count - 1)
 
 
-def snap(ends: tuple[float, float], value: float, levels: int) -> float:
-    """`value` moved to the nearest of `levels` evenly spaced points from ends[0] to ends[1] (0: as is)."""
+def snapped_ramp(ends: tuple[float, float], pos: int, count: int, levels: int) -> float:
+    """`ramp(ends, pos, count)` moved to the nearest of `levels` evenly spaced points from ends[0] to
+    ends[1] (0: as is)."""
+    value = ramp(ends, pos, count)
     if levels == 0 or ends[0] == ends[1]:
         return value
     if levels == 1:

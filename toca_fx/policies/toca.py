@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from ..analysis.residual import Branch
 from ..config import ToCaConfig
-from .schedules import depths, kind_of, ramp, snap
+from .schedules import depths, kind_of, ramp, snapped_ramp
 
 FULL, PARTIAL = "full", "partial"
 
@@ -51,13 +51,10 @@ class ToCaPolicy:
         variant = self.label(step, num_steps)
         if variant == FULL:
             return {b.index: BranchPlan("fill") for b in branches}
-        step_f = snap(self.config.step_factors, ramp(self.config.step_factors, step, num_steps), self.config.step_levels)
+        c = self.config
+        step_f = snapped_ramp(c.step_factors, step, num_steps, c.step_levels)
         depth = depths(branches)
-        return {b.index: self._plan(b, step_f * self._depth_factor(*depth[b.index])) for b in branches}
-
-    def _depth_factor(self, pos: int, count: int) -> float:
-        ends = self.config.depth_factors
-        return snap(ends, ramp(ends, pos, count), self.config.depth_levels)
+        return {b.index: self._plan(b, step_f * snapped_ramp(c.depth_factors, *depth[b.index], c.depth_levels)) for b in branches}
 
     def _gap(self, step: int, num_steps: int) -> int:
         dense = self.config.dense_steps
