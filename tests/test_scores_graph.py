@@ -42,13 +42,15 @@ def test_each_branch_reads_its_blocks_maps_and_the_grid_of_the_patch_embedding()
     # (1, 2, 4, 5) own the staleness rows 0-3; the attention maps are the self-attentions' (0, 3), the
     # entropies the cross-attentions' (1, 4), one row per block in each stack.
     (batch,) = [n for n in graph.graph.nodes if n.target is select_batch]
-    stale, rows, ks, _, attn, attn_rows, ent, ent_rows, grid = batch.args
+    stale, rows, ks, _, attn, attn_rows, ent, ent_rows, grid, row_ids = batch.args
     assert (stale.name, attn.name, ent.name) == ("toca_stale_n16", "toca_attn_n16", "toca_ent_n16")
     assert (rows, attn_rows, ent_rows, grid) == ((0, 1, 2, 3), (0, 0, 1, 1), (0, 0, 1, 1), (4, 4))
+    assert [r.name for r in row_ids] == ["toca_row0", "toca_row1", "toca_row2", "toca_row3"]
     assert ks == (5, 5, 5, 5)  # ceil(0.3 x 16)
     assert not [n for n in graph.graph.nodes if n.target is select_tokens]
     buffers = _buffers(backend)
     assert all(buffers[name][row].norm() > 0.99 for name in ("attn_n16", "ent_n16") for row in (0, 1))
+    assert [buffers[f"row{i}"].tolist() for i in range(4)] == [[0], [1], [2], [3]]
 
 
 def test_a_map_refilled_in_the_step_is_read_after_it_is_filled():

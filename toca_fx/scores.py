@@ -78,6 +78,7 @@ def select_batch(
     entropy: torch.Tensor | None = None,
     entropy_rows: tuple[int, ...] = (),
     grid: tuple[int, ...] | None = None,
+    row_ids: tuple[torch.Tensor, ...] = (),
 ) -> list[torch.Tensor]:
     """`select_tokens` for many branches at once, for scores that read no stream ("change" off): one
     batched top-k at the start of a step instead of a score, a top-k and a staleness update per branch.
@@ -86,6 +87,11 @@ def select_batch(
     picks `ks[i]` tokens. `attention` [A, N] and `entropy` [E, N] stack the maps, branch i reading
     their rows `attention_rows[i]` and `entropy_rows[i]`. Returns each branch's indices; updates the
     staleness rows as `select_tokens` would.
+
+    `row_ids`, if given, holds i for branch i (an int64 [1] tensor each): its indices are then read from
+    the row of the batched top-k that this tensor names at run time. A row fixed in the graph would be
+    a constant offset in the code of every kernel that reads the indices, so each block's gather and
+    scatter kernels would differ and Inductor would compile them block by block.
     """
     w = dict(weights)
     if w.get("change"):
@@ -100,6 +106,8 @@ def select_batch(
     keep = torch.arange(k_max, device=top.device) < torch.tensor(ks, device=top.device)[:, None]
     chosen = torch.zeros(score.shape, dtype=torch.bool, device=score.device).scatter_(1, top, keep)
     _put_rows(staleness, rows, torch.where(chosen, 0.0, stale + 1))
+    if row_ids:
+        return [torch.ops.aten._unsafe_index.Tensor(top, [r])[0, :k] for r, k in zip(row_ids, ks, strict=True)]
     return [top[i, :k] for i, k in enumerate(ks)]
 
 

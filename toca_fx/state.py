@@ -20,6 +20,7 @@ class BufferSpec:
     shape: tuple[int, ...]
     dtype: torch.dtype
     device: torch.device
+    fill: int = 0  # every element's value when allocated
 
     @property
     def nbytes(self) -> int:
@@ -50,7 +51,8 @@ class CacheState:
 
     def buffers(self, used: frozenset[int] | None = None) -> list[torch.Tensor]:
         """The next call's buffers, one per spec: those at the indices `used` (default: all) allocated
-        (zeros) on first use; the others stay empty stand-ins, which the call's graph must not read."""
+        (filled with their spec's value) on first use; the others stay empty stand-ins, which the
+        call's graph must not read."""
         if used not in self._complete[self.turn]:  # once per stream and `used`: no set arithmetic per call
             self._allocate(used)
         return self.stream_buffers[self.turn]
@@ -59,7 +61,7 @@ class CacheState:
         buffers, allocated = self.stream_buffers[self.turn], self._allocated[self.turn]
         for i in (set(range(len(self.specs))) if used is None else used) - allocated:
             s = self.specs[i]
-            buffers[i] = torch.zeros(s.shape, dtype=s.dtype, device=s.device)
+            buffers[i] = torch.full(s.shape, s.fill, dtype=s.dtype, device=s.device)
             allocated.add(i)
         self._complete[self.turn].add(used)
 
