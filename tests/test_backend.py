@@ -253,7 +253,8 @@ def test_caching_graphs_compile_without_timing_pointwise_configs(monkeypatch):
 def test_blocks_share_their_kernels(monkeypatch, tmp_path, choice):
     # A block's state and chosen rows are read through pointers of their own, not at constant offsets of
     # one stacked tensor: a deeper model adds no kernel source to a partial step (before, 2 a block
-    # with the batched choice and 4.5 with a choice per branch, here).
+    # with the batched choice and 4.5 with a choice per branch, here). CPU kernels; with Triton the
+    # first and last blocks' kernels may be fused differently at small depths.
     import torch._inductor.codecache as codecache
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
@@ -269,7 +270,8 @@ def test_blocks_share_their_kernels(monkeypatch, tmp_path, choice):
         with torch._inductor.config.patch(fx_graph_cache=False):
             _run(model, ToCaBackend(config), step_inputs(model, 2))
         torch._dynamo.reset()
-        _, partial = [src.count("= async_compile.") for src in written if "async_compile.wait" in src]
-        return partial
+        wrappers = [src for src in written if "async_compile.wait" in src]
+        assert len(wrappers) == 2, f"{len(wrappers)} graphs compiled, not the full and the partial step's"
+        return wrappers[1].count("= async_compile.")
 
     assert kernels(3) == kernels(5) > 0

@@ -149,8 +149,12 @@ def test_a_batched_choice_is_each_branchs_own_choice():
     attention, entropy = torch.rand(2, 16, generator=g), torch.rand(2, 16, generator=g)
     rows, ks, attn_rows, ent_rows = (2, 0, 3), (3, 5, 3), (1, 1, 0), (0, 1, 1)
     own = [stack[r].clone() for r in rows]
-    untouched = stack[1].clone()
+    untouched, before = stack[1].clone(), stack.clone()
     idx = select_batch(stack, rows, ks, weights, attention, attn_rows, entropy, ent_rows, (4, 4))
+    # Read through row-id buffers, as the variants do so that blocks share kernels: the same choice.
+    row_ids = tuple(torch.tensor([i]) for i in range(len(rows)))
+    again = select_batch(before, rows, ks, weights, attention, attn_rows, entropy, ent_rows, (4, 4), row_ids)
+    assert [a.tolist() for a in again] == [i.tolist() for i in idx] and torch.equal(before, stack)
     x = torch.full((2, 16, 8), float("nan"))  # never read without the "change" score
     for i, (stale, k) in enumerate(zip(own, ks)):
         alone = select_tokens(x, stale, None, k, weights, attention[attn_rows[i]], entropy[ent_rows[i]], (4, 4))

@@ -363,12 +363,12 @@ class CachedGraph:
         return CudaGraphed(fn, static, self._pool)
 
 
-# A caching variant's kernels differ from block to block (each block's rows of the state stacks and of
-# the step's chosen indices are constant offsets in their code; row counts vary with depth), so none is
-# shared and Inductor times each pointwise kernel's configs at its first run, on the critical path of a
-# first generation: PixArt-1024's preset timed 485 kernels for 28.0 s of its 98.1 s compile (plain
-# Inductor 17 kernels, 1.1 s). Without it, 100 kernels (reductions) for 3.7 s, and a generation ran in
-# 294.9 ms against 296.5 (H100, one run). The plain model's graph (ratio 1.0) keeps Inductor's.
+# Inductor times each pointwise kernel's configs at its first run, on the critical path of a first
+# generation. When a caching variant's kernels still differed from block to block (before blocks read
+# their rows through row ids, rewrite/variants.py), PixArt-1024's preset timed 485 kernels for 28.0 s of
+# its 98.1 s compile (plain Inductor 17 kernels, 1.1 s); without timing, 100 kernels (reductions) for
+# 3.7 s, and a generation ran in 294.9 ms against 296.5 (H100, one run). Not measured again since
+# blocks share kernels. The plain model's graph (ratio 1.0) keeps Inductor's.
 _CACHING_PATCHES = {"triton.autotune_pointwise": False}
 
 # With branches reused and none choosing rows, nothing reads the residual stream between the reused
