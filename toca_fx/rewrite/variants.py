@@ -15,7 +15,7 @@ Kernels alike from block to block: Inductor compiles each distinct kernel source
 a constant offset into a shared tensor (a block's row of a stack, or of the batched top-k) is written
 into the source. So a block reads its chosen indices through a row-id buffer (`toca_row{i}`, holding
 i) and state that is not batched is not stacked: PixArt-alpha 1024's preset then compiled in 52.6 s
-against 99.4 (H100), its partial variants loading in 2.4-2.8 s against 10.6-12.6.
+against 99.4 (H100), its partial variants loading in 2.0-3.0 s against 10.6-12.6.
 """
 from __future__ import annotations
 
@@ -60,9 +60,10 @@ def buffer_specs(analysis: Analysis, config: ToCaConfig) -> list[BufferSpec]:
         for name, node in _layout(b, config):
             full = f"b{b.index}_{name}"
             specs.append(_spec(full, node) if node is not None else _state(full, (b.tokens,), b))
-    for name, members in _stacks(analysis, config).items():
+    stacks = _stacks(analysis, config)
+    for name, members in stacks.items():
         specs.append(_state(name, (len(members), members[0].tokens), members[0]))
-    rows = _row_ids(analysis, config)  # > 0 only with branches
+    rows = _row_ids(stacks)  # > 0 only with branches
     device = _value(analysis.branches[0].out).device if rows else None
     return specs + [BufferSpec(f"row{i}", (1,), torch.long, device, fill=i) for i in range(rows)]
 
@@ -227,8 +228,9 @@ def _add_placeholders(
         return anchor
 
     made = {b.index: {name: placeholder(f"b{b.index}_{name}") for name, _ in _layout(b, config)} for b in analysis.branches}
-    stacks = {name: (placeholder(name), members) for name, members in _stacks(analysis, config).items()}
-    row_ids = [placeholder(f"row{i}") for i in range(_row_ids(analysis, config))]
+    members_of = _stacks(analysis, config)
+    stacks = {name: (placeholder(name), members) for name, members in members_of.items()}
+    row_ids = [placeholder(f"row{i}") for i in range(_row_ids(members_of))]
     rows = {}
     for name, (stack, members) in stacks.items():
         for row, b in enumerate(members):
@@ -248,7 +250,7 @@ def _layout(branch: Branch, config: ToCaConfig) -> list[tuple[str, fx.Node | Non
     """A branch's own buffers: (name, node whose shape it has; None for a per-token [N] float32 vector).
     Without a batched choice its per-token state is its own too (see `_stacks`)."""
     names = [("cache", branch.out)]
-    if _scored(branch, config) and dict(config.scores).get("change"):
+    if _scored(branch, config) and not _batched(config):
         names.append(("ref", None))
     if not _batched(config):
         names += [(kind, None) for kind in _state_kinds(branch, config)]
@@ -260,9 +262,9 @@ def _stacks(analysis: Analysis, config: ToCaConfig) -> dict[str, list[Branch]]:
     branches, one row each. Without one (the "change" score reads the stream), each branch keeps its
     own: a row of a stack is a constant offset in every kernel that reads or writes it, so each
     block's kernels would differ, and Inductor would compile them block by block."""
-    stacks: dict[str, list[Branch]] = defaultdict(list)
     if not _batched(config):
         return {}
+    stacks: dict[str, list[Branch]] = defaultdict(list)
     for b in analysis.branches:
         for kind in _state_kinds(b, config):
             stacks[f"{kind}_n{b.tokens}"].append(b)
@@ -287,9 +289,10 @@ def _batched(config: ToCaConfig) -> bool:
     return not dict(config.scores).get("change")
 
 
-def _row_ids(analysis: Analysis, config: ToCaConfig) -> int:
-    """Row-id buffers (int64 [1], buffer i holding i): as many as a batched choice may have rows."""
-    return max((len(m) for name, m in _stacks(analysis, config).items() if name.startswith("stale")), default=0)
+def _row_ids(stacks: dict[str, list[Branch]]) -> int:
+    """Row-id buffers (int64 [1], buffer i holding i): as many as a batched choice may have rows, the
+    rows of its staleness stack (of `_stacks`)."""
+    return max((len(m) for name, m in stacks.items() if name.startswith("stale")), default=0)
 
 
 def _scored(branch: Branch, config: ToCaConfig) -> bool:
