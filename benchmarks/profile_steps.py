@@ -20,6 +20,7 @@ import contextlib
 import json
 import statistics
 from collections import defaultdict
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -38,11 +39,12 @@ def main() -> None:
     parser.add_argument("--no-cudagraphs", action="store_true")
     parser.add_argument("--kernels", type=int, default=25, help="kernels listed")
     parser.add_argument("--per-plan", action="store_true", help="also list each plan's kernels per call")
+    parser.add_argument("--regional", action="store_true", help="compile each variant by regions (ToCaConfig.regional)")
     parser.add_argument("--out", type=Path, default=Path("benchmark-results"))
     args = parser.parse_args()
     tiny = cases(tiny=True) if args.tiny else {}
     case = tiny.get(args.model, tiny.get("dit")) if args.tiny else cases(tiny=False)[args.model]
-    config = case.settings[SETTINGS[args.setting]][1]
+    config = replace(case.settings[SETTINGS[args.setting]][1], regional=args.regional)
     device = torch.device("cpu" if args.tiny else "cuda")
     dtype = torch.float32 if args.tiny else torch.bfloat16
     model, x0, cast = build(case, device, dtype)
@@ -56,14 +58,15 @@ def main() -> None:
         kernels = kernel_table(fn, x0, cast, case.steps, args.kernels, case.cfg)
         by_plan = per_plan_kernels(backend, fn, model, x0, cast, case, graphed, args.kernels) if args.per_plan else []
     where = "CPU" if args.tiny else torch.cuda.get_device_name()
-    title = f"{case.name}, {args.setting}, {'' if graphed else 'no '}CUDA graphs, {where}, torch {torch.__version__}"
+    title = (f"{case.name}, {args.setting}{', by regions' if args.regional else ''}, {'' if graphed else 'no '}CUDA graphs, "
+             f"{where}, torch {torch.__version__}")
     print(f"## {title}\n\n{plans_markdown(plans)}\n\n{kernels_markdown(kernels)}")
     for entry in by_plan:
         print(f"\n### {entry['plan']}: {entry['calls']} calls, {entry['kernels_per_call']:.0f} kernels and "
               f"{entry['ms_per_call']:.2f} ms of kernel time per call\n\n{per_call_markdown(entry['kernels'])}")
     args.out.mkdir(parents=True, exist_ok=True)
     result = {"title": title, "plans": plans, "kernels": kernels, "per_plan": by_plan}
-    (args.out / f"profile-{args.model}-{args.setting}.json").write_text(json.dumps(result, indent=1))
+    (args.out / f"profile-{args.model}-{args.setting}{'-regional' if args.regional else ''}.json").write_text(json.dumps(result, indent=1))
 
 
 def per_plan(backend: ToCaBackend, fn, x0, args_of, steps: int, cfg: bool) -> list[dict]:

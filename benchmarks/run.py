@@ -137,6 +137,7 @@ def _flux(**config: Any) -> Callable[[], torch.nn.Module]:
 
 # FLUX.1-dev's transformer (12B parameters): 19 double-stream and 38 single-stream blocks, hidden size 3072.
 SAME_REDUCTIONS = "plain, toca_fx's reductions"  # --like-for-like's baseline
+REGIONAL = "(by regions)"  # --regional: a toca setting compiled block by block (ToCaConfig.regional)
 FLUX_DEV = dict(in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24,
                 joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56))
 # The attention score's map from 64 sampled queries, as for PixArt: all 4608 would cost a 4608 x 4608 map per head.
@@ -289,8 +290,10 @@ def run_case(
     cache_dir: Path | None = None,
     parallel_compile: bool | None = None,
     like_for_like: bool = False,
+    regional: bool = False,
 ) -> list[dict]:
     model, x0, args_of = build(case, device, dtype)
+    settings = case.settings + [(f"{name} {REGIONAL}", replace(c, regional=True)) for name, c in case.settings if regional]
     warm_up(model, x0, args_of, case.cfg)
     rows, reference = [], None
     runs: list[tuple[str, Any, str | None]] = [("eager", None, None)]  # (setting, backend, mode)
@@ -299,7 +302,7 @@ def run_case(
         runs.append((f"inductor{suffix}", "inductor", mode))
         if like_for_like:
             runs.append((f"{SAME_REDUCTIONS}{suffix}", SAME_REDUCTIONS, mode))
-        runs += [(f"{name}{suffix}", config, mode) for name, config in case.settings]
+        runs += [(f"{name}{suffix}", config, mode) for name, config in settings]
     runs = [r for r in runs if not (skip and re.search(skip, r[0])) or r[1] == "inductor"]
     for name, backend, mode in runs:
         torch._dynamo.reset()
@@ -464,6 +467,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--skip", help="regular expression: settings to leave out (the Inductor baseline always runs)")
     parser.add_argument("--like-for-like", action="store_true",
                         help="also time plain Inductor with toca_fx's choice of reductions, and the toca rows against it")
+    parser.add_argument("--regional", action="store_true",
+                        help=f"also time each toca setting compiled by regions (regional=True), labelled '{REGIONAL}'")
     parser.add_argument("--parallel-compile", choices=["auto", "on", "off"], default="auto",
                         help="ToCaConfig.parallel_compile of the toca settings: None (on with 8 or more cores), True, False")
     args = parser.parse_args(argv)
@@ -485,7 +490,7 @@ def main(argv: list[str] | None = None) -> None:
         parallel = {"auto": None, "on": True, "off": False}[args.parallel_compile]
         rows += run_case(
             table[name], device, dtype, args.repeats, modes if device.type == "cuda" else [None], log, args.skip,
-            args.cache_dir, parallel, args.like_for_like,
+            args.cache_dir, parallel, args.like_for_like, args.regional,
         )
         (args.out / "results.json").write_text(json.dumps(rows, indent=1))
         (args.out / "benchmarks.md").write_text(markdown(rows, header) + "\n")

@@ -11,16 +11,18 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from toca_fx import ToCaConfig, parallel_compile
+from toca_fx import ToCaBackend, ToCaConfig, parallel_compile
+from toca_fx.models import DiT
 from toca_fx.parallel_compile import _TIMES, Prefetch, _dump, _load
 
+from .helpers import SIZE, step_inputs
 from .helpers import tiny_dit_generation as _generation
 
 
 def test_variants_compiled_in_workers_are_loaded_from_the_caches_and_match(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))  # read by this process and the workers
     caplog.set_level(logging.INFO, logger="toca_fx")
-    config = ToCaConfig(interval=2, ratio=0.5, num_steps=2)  # a full and a partial variant
+    config = ToCaConfig(interval=2, ratio=0.5, num_steps=2, regional=False)  # a full and a partial variant, each whole
     counters.clear()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -34,7 +36,7 @@ def test_variants_compiled_in_workers_are_loaded_from_the_caches_and_match(tmp_p
     assert "worker" not in full and full["seconds"] > 0
     assert partial["worker"]["starting"] > 0 and partial["worker"]["compiling"] > 0 and partial["worker"]["queued"] >= 0
     messages = [r.getMessage() for r in caplog.records if r.name == "toca_fx"]
-    assert "the other 1 ahead in worker processes" in messages[0]
+    assert "; 1 of them ahead in worker processes" in messages[0]
     assert messages[1].startswith("toca_fx: variant 1 of 2 (full, first called at step 0) ready in ")
     assert messages[1].endswith("compiled here")
     assert messages[2].startswith("toca_fx: variant 2 of 2 (partial, first called at step 1)")
@@ -55,6 +57,37 @@ def test_variants_compiled_in_workers_are_loaded_from_the_caches_and_match(tmp_p
     assert not [row for row in backend.stats()["compile_times"] if "worker" in row]
     for step, (a, b) in enumerate(zip(parallel, serial)):
         assert torch.equal(a, b), f"step {step}"
+
+
+def test_regional_variants_past_the_second_compile_in_workers_region_by_region(tmp_path, monkeypatch):
+    # Full, then two partial plans (the step factor moves the ratio): by regions the first two compile
+    # here; the third in a worker, which must cut it as this process does (the stream's marks go with
+    # the job), so that every region graph of it loads here from the caches.
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    config = ToCaConfig(interval=2, ratio=0.5, num_steps=4, step_factors=(0.5, 1.5), parallel_compile=True, regional=True)
+    counters.clear()
+    parallel, backend = _deep_generation(config)
+    rows = backend.stats()["compile_times"]
+    assert [("worker" in r, r.get("blocks")) for r in rows] == [(False, 4), (False, 4), (True, 4)]
+    assert counters["inductor"]["fxgraph_cache_miss"] > 0  # the first two, here
+    loaded = counters["inductor"]["fxgraph_cache_hit"]
+    assert loaded >= 3 and not parallel_compile._live  # the third's prologue, block and epilogue at least
+    torch._dynamo.reset()
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "serial"))
+    serial, _ = _deep_generation(replace(config, parallel_compile=False))
+    for step, (a, b) in enumerate(zip(parallel, serial)):
+        assert torch.equal(a, b), f"step {step}"
+
+
+def _deep_generation(config: ToCaConfig) -> tuple[list[torch.Tensor], ToCaBackend]:
+    """As `tiny_dit_generation`, with 4 blocks: the first has a form of its own (no closing add of a
+    block before it), the other three share one."""
+    torch.manual_seed(0)
+    model = DiT(num_classes=10, **{**SIZE, "depth": 4}).eval()
+    backend = ToCaBackend(config)
+    fast = torch.compile(model, backend=backend, dynamic=False)
+    with torch.no_grad():
+        return [fast(*args) for args in step_inputs(model, config.num_steps)], backend
 
 
 def test_a_dumped_graph_loads_with_the_same_code():

@@ -26,6 +26,7 @@ from .cudagraphs import CudaGraphed
 from .flops import graph_flops, shapes_of, spec_shape
 from .inductor import TensorMeta, compile_inductor
 from .policies.toca import BranchPlan, ToCaPolicy, drop_dead_fills, plan_key
+from .regions import Regional, compile_regions, mark_stream
 from .rewrite.variants import buffer_specs, build_variant, tag_branch
 from .shapes import PerShape
 from .state import CacheState
@@ -115,6 +116,7 @@ class _Variant:
     fn: Callable | None = None  # compiled `graph`
     seconds: float = 0.0  # its first call's wait for `fn`: compiling it, or its worker and loading it
     worker: parallel_compile.WorkerTimes | None = None  # where a worker compiled it ahead
+    regions: tuple[int, int] | None = None  # compiled by regions: (blocks, distinct forms compiled)
 
 
 class _Step(NamedTuple):
@@ -147,6 +149,7 @@ class CachedGraph:
         self._prefetched: set[int] = set()  # num_steps of the generations whose variants went to it
         for branch in analysis.branches:
             tag_branch(branch)
+        mark_stream(analysis.branches)
 
     def __call__(self, *args: Any) -> Any:
         # The hot path: per call, no hashing of plan keys and no loop over branches.
@@ -217,6 +220,8 @@ class CachedGraph:
         for variant in self._compiled:
             label, step = self._first_call(variant)
             row = {"variant": variant.id, "label": label, "step": step, "seconds": variant.seconds}
+            if variant.regions is not None:
+                row["blocks"], row["forms"] = variant.regions
             if variant.worker is not None:
                 row["worker"] = asdict(variant.worker)
             rows.append(row)
@@ -274,7 +279,8 @@ class CachedGraph:
         graphed = self._graphed(args)
         start = time.perf_counter()
         with self._ahead.compiling(variant.id):  # after its worker, if one compiles it into the caches
-            fn = _compile(self._graph(variant), inputs, self.config.inner, self._options(variant, graphed))
+            fn = _compile(self._graph(variant), inputs, self.config.inner, self._options(variant, graphed), regional=self.config.regional)
+        variant.regions = (fn.blocks, fn.forms) if isinstance(fn, Regional) else None
         variant.fn = self._cuda_graphed(fn, inputs) if graphed else fn
         variant.seconds, variant.worker = time.perf_counter() - start, self._ahead.times.get(variant.id)
         self._compiled.append(variant)
@@ -288,6 +294,8 @@ class CachedGraph:
         done = f"toca_fx: variant {sum(v.id in ours for v in self._compiled)} of {len(ours)} ({label}, first " \
                f"called at step {step}) ready in {variant.seconds:.1f} s"
         w = variant.worker
+        if variant.regions is not None:
+            return f"{done}, compiled here by regions: {variant.regions[0]} blocks of {variant.regions[1]} distinct form(s)"
         if w is None:
             return f"{done}, compiled here"
         return (f"{done}, compiled ahead in a worker: queued {w.queued:.1f} s, starting {w.starting:.1f} s, "
@@ -306,27 +314,27 @@ class CachedGraph:
         self._prefetched.add(num_steps)
         graphed = self._graphed(args)
         ahead = parallel_compile.enabled(self.config.parallel_compile, _patches(self._options(first, graphed)))
-        count = len({s.variant.id for s in self._generations[num_steps]})
+        order = list(dict.fromkeys(s.variant for s in self._generations[num_steps] if s.variant.fn is None))
+        # By regions, a variant compiles here in about the time a worker takes to start (PixArt-alpha
+        # 1024 on the H100: 6-13 s against 8-11 s), so the first two compile here, the rest ahead.
+        here = order[: 2 if self.config.regional else 1] if first in order else []
+        ahead = ahead and len(order) > len(here)
         log.info(
-            f"toca_fx: a {num_steps}-step generation runs {count} variant(s), each one Inductor compilation of "
-            + ("the graph, at its first call" if not ahead or count == 1 else
-               f"the graph: the first here, the other {count - 1} ahead in worker processes "
-               f"(at most {self._ahead.max_workers} at a time)")
+            f"toca_fx: a {num_steps}-step generation runs {len(order)} variant(s), each compiled at its first call"
+            + (f"; {len(order) - len(here)} of them ahead in worker processes (at most {self._ahead.max_workers} at a time)"
+               if ahead else "")
         )
         if not ahead:
             return
         metas = [TensorMeta.of(a) for a in args]  # the job made when a worker is free: no tensors kept
-        jobs = {}
-        for _, variant in self._generations[num_steps]:
-            if variant is not first and variant.fn is None and variant.id not in jobs:
-                jobs[variant.id] = partial(self._job, variant, metas, graphed)
-        self._ahead.add(jobs)
+        self._ahead.add({v.id: partial(self._job, v, metas, graphed) for v in order if v not in here})
 
     def _job(self, variant: _Variant, metas: list[Any], graphed: bool) -> bytes:
         """A worker's job: compile `variant` as `_compile` will, from the metadata of its inputs."""
         used = self._used(variant)
         buffers = [TensorMeta.contiguous(s.shape if i in used else (0,), s.dtype, s.device) for i, s in enumerate(self.state.specs)]
-        return parallel_compile.job(self._graph(variant), [*metas, *buffers], _patches(self._options(variant, graphed)))
+        patches = _patches(self._options(variant, graphed))
+        return parallel_compile.job(self._graph(variant), [*metas, *buffers], patches, self.config.regional)
 
     def _used(self, variant: _Variant) -> frozenset[int]:
         if variant.used is None:
@@ -398,8 +406,15 @@ def _fraction(num: int, den: int) -> float:
     return num / den if den else 1.0
 
 
-def _compile(gm: fx.GraphModule, inputs: list[Any], inner: str, options: dict, wide_rows: bool = True) -> Callable:
-    return gm if inner == "eager" else compile_inductor(gm, inputs, _patches(options), wide_rows)
+def _compile(
+    gm: fx.GraphModule, inputs: list[Any], inner: str, options: dict, wide_rows: bool = True, regional: bool = False
+) -> Callable:
+    """`gm` as `inner` runs it: by regions (`toca_fx.regions`) where `regional` and blocks repeat, else whole."""
+    if inner == "eager":
+        return gm
+    one = partial(compile_inductor, patches=_patches(options), wide_rows=wide_rows)
+    fn = compile_regions(gm, inputs, one) if regional else None
+    return fn if fn is not None else one(gm, inputs)
 
 
 def _patches(options: dict) -> dict:

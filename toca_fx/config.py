@@ -37,6 +37,13 @@ class ToCaConfig:
         timing kernels at once would mislead each other's choices). Workers share the cores and take
         memory (with CUDA, a context each on the GPU); one that fails warns once, and this process
         compiles the variants itself from then on.
+    regional: compile a variant block by block (`toca_fx.regions`): each distinct form of block once,
+        reused by every block of that form, where blocks share forms; by default (False) each variant
+        is one whole graph. On an H100 (bf16, docs/benchmarks.md) by regions compiled PixArt-alpha 1024
+        and DiT-XL/2 at 0.30-0.59x plain Inductor's time (whole: up to 2.3x) at the same speed within
+        3%, but PixArt's final samples ended 2.2% (relative L2) off plain Inductor's at ratio 1.0,
+        against 0.6% whole, not yet explained (on the CPU in float32 both match to 1e-6). With
+        `parallel_compile`, the first two variants compile here and the rest in workers.
     calls_per_step: calls of the model per denoising step, each with its own cache: 2 for a pipeline
         that calls the model for the conditional, then the unconditional half of classifier-free
         guidance (batched guidance, one call with both halves, is 1).
@@ -83,6 +90,7 @@ class ToCaConfig:
     full_last: int = 0
     policy: Any = None
     parallel_compile: bool | None = None
+    regional: bool = False
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> "ToCaConfig":
@@ -119,6 +127,7 @@ class ToCaConfig:
             self.parallel_compile is None or isinstance(self.parallel_compile, bool),
             "parallel_compile", "None, True or False", self.parallel_compile,
         )
+        _check(isinstance(self.regional, bool), "regional", "True or False", self.regional)
         _check(
             _is_int(self.calls_per_step) and self.calls_per_step >= 1,
             "calls_per_step", "an int >= 1", self.calls_per_step,

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
 import importlib
 import json
 import os
@@ -39,6 +40,7 @@ import torch.fx as fx
 from torch._dynamo.utils import counters
 
 from .inductor import TensorMeta, compile_inductor
+from .regions import STREAM, compile_regions
 
 AUTO_MIN_CPUS = 8  # parallel_compile=None is on from this many usable cores (on 2 it was slower)
 _BENCHMARKING = ("max_autotune", "max_autotune_gemm", "max_autotune_pointwise", "coordinate_descent_tuning")
@@ -60,10 +62,12 @@ def enabled(setting: bool | None, patches: dict[str, Any]) -> bool:
     return setting if setting is not None else _cpus() >= AUTO_MIN_CPUS
 
 
-def job(gm: fx.GraphModule, inputs: list[Any], patches: dict[str, Any]) -> bytes:
-    """What a worker needs to compile `gm` as `compile_inductor(gm, inputs, patches)` here would."""
+def job(gm: fx.GraphModule, inputs: list[Any], patches: dict[str, Any], regional: bool = False) -> bytes:
+    """What a worker needs to compile `gm` as `compile_inductor(gm, inputs, patches)` here would, or
+    with `regional`, as `compile_regions` with it would (the stream's marks go along)."""
     configs = (torch._inductor.config.save_config(), torch._functorch.config.save_config())
-    return pickle.dumps((_dump(gm), [TensorMeta.of(x) for x in inputs], patches, configs, _process_state()))
+    marks = {n.name: n.meta[STREAM] for n in gm.graph.nodes if STREAM in n.meta} if regional else None
+    return pickle.dumps((_dump(gm), [TensorMeta.of(x) for x in inputs], patches, configs, _process_state(), marks))
 
 
 @dataclass(frozen=True)
@@ -106,9 +110,10 @@ class Prefetch:
         was compiled before) stops the workers: the other variants most likely load too, and sooner
         here than in a worker that has yet to start."""
         ahead = self.wait(key)
-        hits = counters["inductor"]["fxgraph_cache_hit"]
+        hits, misses = counters["inductor"]["fxgraph_cache_hit"], counters["inductor"]["fxgraph_cache_miss"]
         yield
-        if not ahead and counters["inductor"]["fxgraph_cache_hit"] > hits:
+        loaded = counters["inductor"]["fxgraph_cache_hit"] > hits and counters["inductor"]["fxgraph_cache_miss"] == misses
+        if not ahead and loaded:  # every graph of it loaded (by regions, some may load from another variant's)
             self.stop()
 
     def wait(self, key: Hashable) -> bool:
@@ -379,11 +384,16 @@ class _Global:
 def _main() -> None:
     """A worker: compile the job on stdin into the caches; say when it began and ended (`_TIMES`)."""
     began = time.time()
-    graph, inputs, patches, configs, state = pickle.load(sys.stdin.buffer)
+    graph, inputs, patches, configs, state, marks = pickle.load(sys.stdin.buffer)
     threads = torch._inductor.config.compile_threads  # its own, from TORCHINDUCTOR_COMPILE_THREADS
     torch._inductor.config.load_config(configs[0])
     torch._functorch.config.load_config(configs[1])
     torch._inductor.config.compile_threads = threads
+    gm, one = _load(graph), functools.partial(compile_inductor, patches=patches)
+    for n in gm.graph.nodes if marks else ():
+        if n.name in marks:
+            n.meta[STREAM] = marks[n.name]
     with _taking_on(state):
-        compile_inductor(_load(graph), inputs, patches)
+        if not marks or compile_regions(gm, inputs, one) is None:
+            one(gm, inputs)
     print(_TIMES + json.dumps([began, time.time()]), flush=True)
