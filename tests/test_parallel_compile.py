@@ -59,16 +59,20 @@ def test_variants_compiled_in_workers_are_loaded_from_the_caches_and_match(tmp_p
         assert torch.equal(a, b), f"step {step}"
 
 
-def test_regional_variants_past_the_second_compile_in_workers_region_by_region(tmp_path, monkeypatch):
+def test_regional_variants_past_the_second_compile_in_workers_region_by_region(tmp_path, monkeypatch, caplog):
     # Full, then two partial plans (the step factor moves the ratio): by regions the first two compile
     # here; the third in a worker, which must cut it as this process does (the stream's marks go with
     # the job), so that every region graph of it loads here from the caches.
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    caplog.set_level(logging.INFO, logger="toca_fx")
     config = ToCaConfig(interval=2, ratio=0.5, num_steps=4, step_factors=(0.5, 1.5), parallel_compile=True, regional=True)
     counters.clear()
     parallel, backend = _deep_generation(config)
     rows = backend.stats()["compile_times"]
     assert [("worker" in r, r.get("blocks")) for r in rows] == [(False, 4), (False, 4), (True, 4)]
+    ready = [r.getMessage() for r in caplog.records if r.name == "toca_fx" and " ready in " in r.getMessage()]
+    assert ["compiled here by regions: 4 blocks" in m for m in ready] == [True, True, False]
+    assert "compiled ahead in a worker by regions: 4 blocks" in ready[2]
     assert counters["inductor"]["fxgraph_cache_miss"] > 0  # the first two, here
     loaded = counters["inductor"]["fxgraph_cache_hit"]
     assert loaded >= 3 and not parallel_compile._live  # the third's prologue, block and epilogue at least

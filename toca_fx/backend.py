@@ -294,11 +294,10 @@ class CachedGraph:
         done = f"toca_fx: variant {sum(v.id in ours for v in self._compiled)} of {len(ours)} ({label}, first " \
                f"called at step {step}) ready in {variant.seconds:.1f} s"
         w = variant.worker
-        if variant.regions is not None:
-            return f"{done}, compiled here by regions: {variant.regions[0]} blocks of {variant.regions[1]} distinct form(s)"
+        by = "" if variant.regions is None else f" by regions: {variant.regions[0]} blocks of {variant.regions[1]} distinct form(s)"
         if w is None:
-            return f"{done}, compiled here"
-        return (f"{done}, compiled ahead in a worker: queued {w.queued:.1f} s, starting {w.starting:.1f} s, "
+            return f"{done}, compiled here{by}"
+        return (f"{done}, compiled ahead in a worker{by}: queued {w.queued:.1f} s, starting {w.starting:.1f} s, "
                 f"compiling {w.compiling:.1f} s")
 
     def _first_call(self, variant: _Variant) -> tuple[str, int]:

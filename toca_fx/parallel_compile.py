@@ -23,6 +23,7 @@ import contextlib
 import functools
 import importlib
 import json
+import operator
 import os
 import pickle
 import signal
@@ -324,7 +325,7 @@ def _dump(gm: fx.GraphModule) -> bytes:
     worker would get a copy of the weights)."""
     ref = lambda a: _Ref(a.name)  # noqa: E731
     nodes = [(n.op, n.name, _Global.of(n.target), fx.map_arg(n.args, ref), fx.map_arg(n.kwargs, ref), n.type) for n in gm.graph.nodes]
-    attrs = {n.target: _attr(gm, n.target) for n in gm.graph.nodes if n.op in ("get_attr", "call_module")}
+    attrs = {n.target: operator.attrgetter(n.target)(gm) for n in gm.graph.nodes if n.op in ("get_attr", "call_module")}
     nbytes = sum(_nbytes(a) for a in attrs.values())
     if nbytes > _MAX_CONSTANT_BYTES:
         raise ValueError(f"the graph holds {nbytes >> 20} MiB of constants, too many to hand to a worker")
@@ -347,12 +348,6 @@ def _load(data: bytes) -> fx.GraphModule:
         args, kwargs = fx.node.map_aggregate(args, get), fx.node.map_aggregate(kwargs, get)
         env[name] = graph.create_node(op, target, args, kwargs, name, type_)
     return fx.GraphModule(attrs, graph)
-
-
-def _attr(gm: fx.GraphModule, target: str) -> Any:
-    for part in target.split("."):
-        gm = getattr(gm, part)
-    return gm
 
 
 @dataclass(frozen=True)

@@ -66,13 +66,10 @@ def compile_regions(
     metas, aliases = _leaves(gm, inputs)
     fake_mode = FakeTensorMode()
     held = [set(nodes) for nodes in cut]
-    home = {}
-    for r, nodes in enumerate(cut):
-        for n in nodes:
-            home.setdefault(n, r)
+    placed = set().union(*held)
     output = next(n for n in gm.graph.nodes if n.op == "output")
-    sent = {n for r in range(len(cut)) for u in cut[r] for n in u.all_input_nodes if n in home and n not in held[r]}
-    sent |= {n for n in output.all_input_nodes if n in home}
+    sent = {n for r in range(len(cut)) for u in cut[r] for n in u.all_input_nodes if n in placed and n not in held[r]}
+    sent |= {n for n in output.all_input_nodes if n in placed}
     prologue, *blocks, epilogue = [_extract(nodes, sent & held[r], metas, aliases, fake_mode) for r, nodes in enumerate(cut)]
     forms = len({b.key for b in blocks})
     if forms == len(blocks):
@@ -125,7 +122,7 @@ class Regional:
         for n in leaves:
             slot[n] = len(slot)
         self._args = sum(n.op == "placeholder" for n in leaves)
-        self._attrs = [(slot[n], _fetch(gm, n.target)) for n in leaves if n.op == "get_attr"]
+        self._attrs = [(slot[n], operator.attrgetter(n.target)(gm)) for n in leaves if n.op == "get_attr"]
         for r in regions:
             for v in r.outputs:
                 slot[v] = len(slot)
@@ -199,7 +196,7 @@ def _off_stream(nodes: list[fx.Node], region: dict[fx.Node, int], x0: fx.Node, e
             readers[n] |= readers.get(u, set()) if u not in region else {region[u]}
         if any(u.op == "output" for u in n.users):
             readers[n].add(epilogue)
-    prologue = set(_ancestors(x0))
+    prologue = _ancestors(x0)
     placed: dict[fx.Node, int] = {}
     for n in nodes:
         if n not in readers or n.op in ("placeholder", "get_attr"):
@@ -213,14 +210,15 @@ def _off_stream(nodes: list[fx.Node], region: dict[fx.Node, int], x0: fx.Node, e
 
 
 def _hand_over(add: fx.Node, region: dict[fx.Node, int], on_stream: dict[fx.Node, int]) -> set[tuple[fx.Node, int]]:
-    """Move a block's closing residual add, the gating of its addend, and the stores of what that
-    reads, to the next region: there the add fuses with the layer norm that reads its sum, as in one
-    graph (DiT-XL/2 at interval 4, ratio 0.3 on the H100: 313.1 ms a generation cut after the add,
-    297.1 as one graph). What the moved nodes read off the stream in the block (the gate, from the
-    step's modulation) is computed again in the next region, as (node, its region) pairs returned:
-    passed over, it would be rounded to the model's dtype, where in one graph Inductor keeps it in
-    float32 (PixArt-alpha 1024 at ratio 1.0, bf16: final samples 2.2% off plain Inductor's, 0.6%
-    in one graph)."""
+    """Move a block's closing residual add, its addend (the gated branch output, where the add alone
+    reads it), and the stores of what those read, to the next region: there the add fuses with the
+    layer norm that reads its sum, as in one graph (DiT-XL/2 at interval 4, ratio 0.3 on the H100:
+    313.1 ms a generation cut after the add, 297.1 as one graph). What the moved nodes read off the
+    stream in the block (the gate, from the step's modulation) is computed again in the next region,
+    as (node, its region) pairs returned: passed over, it would be rounded to the model's dtype, where
+    in one graph Inductor keeps it in float32. That did not close PixArt-alpha 1024's gap to plain
+    Inductor (bf16, ratio 1.0: final samples 2.2% off by regions with or without it, 0.6% in one
+    graph), which is still to be found."""
     home = region[add]
     addend = [i for i in add.all_input_nodes if region.get(i) == home and len(i.users) == 1 and i.op == "call_function"
               and i.target is not operator.getitem and i.meta.get(STREAM) is None]  # a tuple stays where it is made
@@ -242,14 +240,14 @@ def _hand_over(add: fx.Node, region: dict[fx.Node, int], on_stream: dict[fx.Node
     return copies
 
 
-def _ancestors(node: fx.Node) -> list[fx.Node]:
+def _ancestors(node: fx.Node) -> set[fx.Node]:
     seen, todo = {node}, [node]
     while todo:
         for i in todo.pop().all_input_nodes:
             if i not in seen:
                 seen.add(i)
                 todo.append(i)
-    return list(seen)
+    return seen
 
 
 def _extract(
@@ -320,7 +318,7 @@ def _leaves(gm: fx.GraphModule, inputs: list[Any]) -> tuple[dict[fx.Node, Any], 
     those of them that are tensors (whose views the regions must pass on as views)."""
     leaves = [n for n in gm.graph.nodes if n.op in ("placeholder", "get_attr")]
     values = iter(inputs)
-    metas = {n: TensorMeta.of(next(values) if n.op == "placeholder" else _fetch(gm, n.target)) for n in leaves}
+    metas = {n: TensorMeta.of(next(values) if n.op == "placeholder" else operator.attrgetter(n.target)(gm)) for n in leaves}
     return metas, {n for n, m in metas.items() if isinstance(m, TensorMeta)}
 
 
@@ -341,13 +339,6 @@ def _last_reads(regions: list[_Region], output: fx.Node) -> dict[fx.Node, int]:
     for v in output.all_input_nodes:
         last[v] = math.inf
     return last
-
-
-def _fetch(gm: fx.GraphModule, target: str) -> Any:
-    value = gm
-    for name in target.split("."):
-        value = getattr(value, name)
-    return value
 
 
 class _Slot(int):
