@@ -39,12 +39,12 @@ def main() -> None:
     parser.add_argument("--no-cudagraphs", action="store_true")
     parser.add_argument("--kernels", type=int, default=25, help="kernels listed")
     parser.add_argument("--per-plan", action="store_true", help="also list each plan's kernels per call")
-    parser.add_argument("--regional", action="store_true", help="compile each variant by regions (ToCaConfig.regional)")
+    parser.add_argument("--whole", action="store_true", help="compile each variant whole (ToCaConfig(regional=False))")
     parser.add_argument("--out", type=Path, default=Path("benchmark-results"))
     args = parser.parse_args()
     tiny = cases(tiny=True) if args.tiny else {}
     case = tiny.get(args.model, tiny.get("dit")) if args.tiny else cases(tiny=False)[args.model]
-    config = replace(case.settings[SETTINGS[args.setting]][1], regional=args.regional)
+    config = replace(case.settings[SETTINGS[args.setting]][1], regional=not args.whole)
     device = torch.device("cpu" if args.tiny else "cuda")
     dtype = torch.float32 if args.tiny else torch.bfloat16
     model, x0, cast = build(case, device, dtype)
@@ -58,7 +58,7 @@ def main() -> None:
         kernels = kernel_table(fn, x0, cast, case.steps, args.kernels, case.cfg)
         by_plan = per_plan_kernels(backend, fn, model, x0, cast, case, graphed, args.kernels) if args.per_plan else []
     where = "CPU" if args.tiny else torch.cuda.get_device_name()
-    title = (f"{case.name}, {args.setting}{', by regions' if args.regional else ''}, {'' if graphed else 'no '}CUDA graphs, "
+    title = (f"{case.name}, {args.setting}{', one graph per variant' if args.whole else ''}, {'' if graphed else 'no '}CUDA graphs, "
              f"{where}, torch {torch.__version__}")
     print(f"## {title}\n\n{plans_markdown(plans)}\n\n{kernels_markdown(kernels)}")
     for entry in by_plan:
@@ -66,7 +66,7 @@ def main() -> None:
               f"{entry['ms_per_call']:.2f} ms of kernel time per call\n\n{per_call_markdown(entry['kernels'])}")
     args.out.mkdir(parents=True, exist_ok=True)
     result = {"title": title, "plans": plans, "kernels": kernels, "per_plan": by_plan}
-    (args.out / f"profile-{args.model}-{args.setting}{'-regional' if args.regional else ''}.json").write_text(json.dumps(result, indent=1))
+    (args.out / f"profile-{args.model}-{args.setting}{'-whole' if args.whole else ''}.json").write_text(json.dumps(result, indent=1))
 
 
 def per_plan(backend: ToCaBackend, fn, x0, args_of, steps: int, cfg: bool) -> list[dict]:

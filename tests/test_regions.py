@@ -2,6 +2,9 @@
 distinct block form compiled once and reused."""
 from __future__ import annotations
 
+import copy
+from dataclasses import replace
+
 import pytest
 import torch
 import torch.fx as fx
@@ -9,7 +12,8 @@ import torch.fx as fx
 import toca_fx.backend as backend_module
 from toca_fx import ToCaBackend, ToCaConfig
 from toca_fx.models import DiT, PixArt
-from toca_fx.regions import STREAM, Regional, compile_regions, cut_graph
+from toca_fx.analysis.tokens import op_name
+from toca_fx.regions import CHEAP, STREAM, Regional, compile_regions, cut_graph
 from toca_fx.rewrite.ops import SIDE_EFFECTS
 
 DEPTH = 4
@@ -136,8 +140,9 @@ def test_cut_graph_splits_a_partial_step_into_blocks(name, eager_runs):
     assert prologue and epilogue and all(blocks)
 
     # Every computing node is in a region; leaves and the output in none. A node in two regions is
-    # computed again in the second, which must be the next one (`_hand_over`'s copies): then it must
-    # neither read the stream nor have an effect (a cache update done twice, a staleness counted twice).
+    # computed again in the second, which must be the next one (`_hand_over`'s copies): then it must be
+    # elementwise or a view (no matmul done twice) without an effect (a cache update done twice, a
+    # staleness counted twice).
     where: dict[fx.Node, list[int]] = {}
     for r, region in enumerate(cut):
         assert region == sorted(region, key=nodes.index)  # each in graph order
@@ -149,7 +154,7 @@ def test_cut_graph_splits_a_partial_step_into_blocks(name, eager_runs):
     for n, rs in where.items():
         if len(rs) > 1:
             assert len(rs) == 2 and rs[1] == rs[0] + 1 and rs[0] > 0, (n.name, rs)
-            assert x0 not in _ancestors(n) and n is not x0, n.name
+            assert op_name(n) in CHEAP and n is not x0, n.name
             assert n.target not in SIDE_EFFECTS and not (n.op == "call_method" and n.target.endswith("_")), n.name
     effects = [n for n in where if n.target in SIDE_EFFECTS]
     assert effects and all(len(where[n]) == 1 for n in effects)
@@ -159,17 +164,23 @@ def test_cut_graph_splits_a_partial_step_into_blocks(name, eager_runs):
         for i in n.all_input_nodes:
             assert region_of.get(i, 0) <= rs[0], (i.name, n.name)
 
-    # The stream: x0 in the prologue, the residual adds in their blocks, in order (a block's closing
-    # add in it or in the next region).
+    # The stream: x0 in the prologue, the residual adds in their blocks, in order: a block's closing
+    # add in it or in the next region, another add in its block and perhaps again in the next region.
     marks = {n: n.meta[STREAM] for n in nodes if STREAM in n.meta}
     per_block = ADDS_PER_BLOCK[name]
     assert sorted(marks.values()) == list(range(DEPTH * per_block + 1))
-    assert all(len(where[add]) == 1 for add in marks)
-    assert region_of[x0] == 0
+    assert where[x0] == [0]
     for add, j in marks.items():
         if j:
             home = 1 + (j - 1) // per_block
-            assert region_of[add] in ((home, home + 1) if j % per_block == 0 else (home,)), (add.name, j)
+            allowed = ([home], [home + 1]) if j % per_block == 0 else ([home], [home, home + 1])
+            assert where[add] in allowed, (add.name, j, where[add])
+    # A sum on the stream leaves its region only where one graph writes it out too: a block's last, or
+    # one a matmul reads; any other would be rounded to the model's dtype where Inductor keeps it in
+    # float32 (the next test).
+    for n, rs in where.items():
+        if marks.get(n) and any(r not in rs for u in n.users for r in where.get(u, [])):
+            assert marks[n] % per_block == 0 or any(op_name(u) == "linear" for u in n.users), n.name
     # No prologue node reads the stream (x0 or anything computed from it).
     assert not [n.name for n in prologue if x0 in _ancestors(n)]
     # The blocks after the first are alike: the same ops, in the same order.
@@ -214,6 +225,39 @@ def test_compile_regions_runs_like_the_whole_graph(name, eager_runs):
         # Token norms may differ by an ulp: regions hand the stream on contiguous, which changes the
         # order of a reduction (see `_extract`).
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, msg=lambda m: f"input {i}: {m}")
+
+
+@pytest.mark.parametrize("ratio", [1.0, 0.3])
+def test_bf16_generation_by_regions_is_as_close_to_float32_as_whole(ratio):
+    # Each region writes out what leaves it in bf16, where one graph may keep a sum in float32: cut
+    # after the wrong sums, PixArt's generations drifted from float32's as far as eager's (on an H100
+    # at 1024x1024, 2.2% against 1.1% compiled whole; here, over four seeds, 1.9-2.4x whole's error,
+    # where the cut that keeps those sums within regions measures 0.78-1.14x).
+    torch.manual_seed(0)
+    exact = PixArt(input_size=16, patch_size=2, hidden_size=128, depth=6, num_heads=4, caption_channels=32).eval()
+    model = copy.deepcopy(exact).to(torch.bfloat16)
+    config = ToCaConfig(interval=4, ratio=ratio, num_steps=20, self_attn="recompute", parallel_compile=False)
+    reference = _denoise(exact, torch.float32)
+    errors = {}
+    for regional in (False, True):
+        torch._dynamo.reset()
+        fast = torch.compile(model, backend=ToCaBackend(replace(config, regional=regional)), dynamic=False)
+        sample = _denoise(fast, torch.bfloat16)
+        errors[regional] = ((sample.float() - reference).norm() / reference.norm()).item()
+    torch._dynamo.reset()
+    assert errors[True] < 1.3 * errors[False], errors
+
+
+def _denoise(model, dtype: torch.dtype, steps: int = 20, guidance: float = 4.0) -> torch.Tensor:
+    """A 20-step Euler loop with classifier-free guidance, where each step's rounding carries into the next."""
+    g = torch.Generator().manual_seed(1)
+    x, text = torch.randn(1, 4, 16, 16, generator=g), torch.randn(2, 8, 32, generator=g)
+    with torch.no_grad():
+        for i in range(steps):
+            t = torch.full((2,), 999.0 * (1 - i / steps))
+            cond, uncond = model(torch.cat([x, x]).to(dtype), t, text.to(dtype))[:, :4].float().chunk(2)
+            x = x - (uncond + guidance * (cond - uncond)) / steps
+    return x
 
 
 def test_graph_without_a_marked_stream_is_not_cut():
@@ -261,7 +305,7 @@ def test_blocks_that_all_differ_compile_whole(monkeypatch):
 # --- 4. config --------------------------------------------------------------------------------------
 
 def test_regional_must_be_a_bool():
-    assert ToCaConfig().regional is False  # opt-in (see ToCaConfig.regional)
+    assert ToCaConfig().regional is True  # the default (see ToCaConfig.regional)
     assert ToCaConfig(regional=True).regional is True
     assert ToCaConfig(regional=False).regional is False
     for bad in ("yes", 1, None):

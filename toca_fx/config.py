@@ -38,11 +38,11 @@ class ToCaConfig:
         memory (with CUDA, a context each on the GPU); one that fails warns once, and this process
         compiles the variants itself from then on.
     regional: compile a variant block by block (`toca_fx.regions`): each distinct form of block once,
-        reused by every block of that form, where blocks share forms; by default (False) each variant
-        is one whole graph. On an H100 (bf16, docs/benchmarks.md) by regions compiled PixArt-alpha 1024
-        and DiT-XL/2 at 0.30-0.59x plain Inductor's time (whole: up to 2.3x) at the same speed within
-        3%, but PixArt's final samples ended 2.2% (relative L2) off plain Inductor's at ratio 1.0,
-        against 0.6% whole, not yet explained (on the CPU in float32 both match to 1e-6). With
+        reused by every block of that form, where blocks share forms and hold work; False compiles each
+        variant as one whole graph. On an H100 (bf16, docs/benchmarks.md, session 22) by regions
+        compiled PixArt-alpha 1024 and DiT-XL/2 at 0.23-0.52x plain Inductor's time at ratio 1.0 and
+        interval 4, ratio 0.3 (whole: 0.72-1.80x), 1.05-1.06x at the ToCa presets (whole: 1.60-1.76x),
+        and ran within 3% of whole graphs' speed, as close to the model run in float32. With
         `parallel_compile`, the first two variants compile here and the rest in workers.
     calls_per_step: calls of the model per denoising step, each with its own cache: 2 for a pipeline
         that calls the model for the conditional, then the unconditional half of classifier-free
@@ -90,7 +90,7 @@ class ToCaConfig:
     full_last: int = 0
     policy: Any = None
     parallel_compile: bool | None = None
-    regional: bool = False
+    regional: bool = True
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> "ToCaConfig":

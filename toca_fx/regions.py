@@ -15,11 +15,15 @@ add, 0 for the stream's first input x0). What is cut comes from data flow alone:
   goes to the prologue, whose values the blocks take as inputs;
 - what reads the stream after its last residual add is the epilogue;
 - each block's closing residual add and its addend go to the next region (`_hand_over`), where the add
-  fuses with the layer norm that reads its sum; the gate they read is computed there again. So the
-  first block, which receives no add, has a form of its own, and a model of two blocks gains nothing.
+  fuses with the layer norm that reads its sum, and so do the sums before it back to one that a matmul
+  reads (or the block's first): those are computed again there, with the elementwise ops and views
+  they read. So what leaves a block on the stream is what one graph writes out too, each sum rounded
+  to the model's dtype where one graph would round it. The first block, which receives no add, has a
+  form of its own, and a model of two blocks gains nothing.
 Produces: `Regional`, a callable taking the graph's inputs, that runs the compiled regions in order and
-frees each value after its last reader. Where no two blocks share a form, or a value crossing a cut is
-not a tensor, there is nothing to gain: `compile_regions` returns None and the graph compiles whole.
+frees each value after its last reader. Where no two blocks share a form, the blocks hold no matmul (a
+step that reuses every branch adds cached outputs: nothing to spare), or a value crossing a cut is not
+a tensor, `compile_regions` returns None and the graph compiles whole.
 
 The cost: no fusion across a cut (the residual stream is written and read once more per block), and
 without CUDA graphs, one more compiled call per block.
@@ -39,11 +43,18 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.multiprocessing.reductions import StorageWeakRef
 
 from .analysis.residual import Branch
+from .analysis.tokens import POINTWISE, op_name
 from .inductor import TensorMeta
-from .rewrite.ops import SIDE_EFFECTS
 
 STREAM = "toca_stream"  # node meta key: a residual add's position along the stream (0: the stream's input)
 PROLOGUE = -1
+# What a region may compute again: elementwise ops and views (not in place), cheap beside a block.
+CHEAP = (POINTWISE - {"iadd", "imul", "isub", "itruediv"}) | {
+    "getitem", "chunk", "split", "view", "reshape", "unsqueeze", "squeeze", "expand", "permute", "transpose", "flatten",
+    "unflatten"}
+# Ops whose inputs Inductor writes out (its matmul and convolution kernels read them from memory).
+_MATERIALIZING = {"linear", "matmul", "bmm", "mm", "addmm", "baddbmm", "einsum", "scaled_dot_product_attention",
+                  "conv1d", "conv2d", "conv3d"}
 
 
 def mark_stream(branches: list[Branch]) -> None:
@@ -61,8 +72,8 @@ def compile_regions(
     """`gm` compiled region by region with `compile_one(region graph, input metadata)`, each form once;
     None where cutting it would not spare a compilation (see the module's doc)."""
     cut = cut_graph(gm.graph)
-    if cut is None:
-        return None
+    if cut is None or not any(op_name(n) in _MATERIALIZING for block in cut[1:-1] for n in block):
+        return None  # no blocks, or blocks that only add cached outputs (a step that reuses every branch)
     metas, aliases = _leaves(gm, inputs)
     fake_mode = FakeTensorMode()
     held = [set(nodes) for nodes in cut]
@@ -101,8 +112,9 @@ def cut_graph(graph: fx.Graph) -> list[list[fx.Node]] | None:
     region = {n: min((s - 1) // period, blocks) for n, s in segment.items()}  # block, or `blocks`: the epilogue
     region.update(_off_stream(nodes, region, x0, blocks))
     copies: set[tuple[fx.Node, int]] = set()
+    moved: set[fx.Node] = set()
     for j in range(period, adds + 1, period):
-        copies |= _hand_over(next(n for n, m in marks.items() if m == j), region, segment)
+        copies |= _hand_over(next(n for n, m in marks.items() if m == j), region, segment, moved)
     cut: list[list[fx.Node]] = [[] for _ in range(blocks + 2)]
     for n in nodes:
         if n in region:
@@ -209,34 +221,41 @@ def _off_stream(nodes: list[fx.Node], region: dict[fx.Node, int], x0: fx.Node, e
     return placed
 
 
-def _hand_over(add: fx.Node, region: dict[fx.Node, int], on_stream: dict[fx.Node, int]) -> set[tuple[fx.Node, int]]:
-    """Move a block's closing residual add, its addend (the gated branch output, where the add alone
-    reads it), and the stores of what those read, to the next region: there the add fuses with the
+def _hand_over(
+    add: fx.Node, region: dict[fx.Node, int], on_stream: dict[fx.Node, int], moved: set[fx.Node]
+) -> set[tuple[fx.Node, int]]:
+    """Move a block's closing residual add and its addend (the gated branch output, where the add alone
+    reads it) to the next region, with the stores of what those read: there the add fuses with the
     layer norm that reads its sum, as in one graph (DiT-XL/2 at interval 4, ratio 0.3 on the H100:
-    313.1 ms a generation cut after the add, 297.1 as one graph). What the moved nodes read off the
-    stream in the block (the gate, from the step's modulation) is computed again in the next region,
-    as (node, its region) pairs returned: passed over, it would be rounded to the model's dtype, where
-    in one graph Inductor keeps it in float32. That did not close PixArt-alpha 1024's gap to plain
-    Inductor (bf16, ratio 1.0: final samples 2.2% off by regions with or without it, 0.6% in one
-    graph), which is still to be found."""
+    313.1 ms a generation cut after the add, 297.1 as one graph). Return, as (node, its region) pairs,
+    what the next region computes again: the elementwise ops and views the moved nodes read in the
+    block, back through the sums before the closing one to a sum a matmul reads (which one graph
+    writes out for the matmul) or one that arrived from the block before (`moved`, which this extends).
+    Passed over instead, such a value would be rounded to the model's dtype, where in one graph
+    Inductor keeps it in float32: cut after the cross-attention's sum, PixArt-alpha 1024's final
+    samples (bf16, H100) ended 2.2% from the model's run in float32, as eager's do, against 1.1%
+    for plain Inductor and by regions with this."""
     home = region[add]
     addend = [i for i in add.all_input_nodes if region.get(i) == home and len(i.users) == 1 and i.op == "call_function"
               and i.target is not operator.getitem and i.meta.get(STREAM) is None]  # a tuple stays where it is made
-    moved = [add, *addend]
-    for n in moved:
+    here = [add, *addend]
+    for n in here:
         region[n] = home + 1
-    for n in moved:
+    moved.update(here)
+    for n in here:
         for i in n.all_input_nodes:
             for u in i.users:
                 if region.get(u) == home and not u.users:
                     region[u] = home + 1
-    copies, todo = set(), [i for n in moved for i in n.all_input_nodes]
+    copies, todo = set(), [i for n in here for i in n.all_input_nodes]
     while todo:
         i = todo.pop()
-        pure = (i.op == "call_function" and i.target not in SIDE_EFFECTS) or (i.op == "call_method" and not i.target.endswith("_"))
-        if region.get(i) == home and i not in on_stream and pure and (i, home) not in copies:
-            copies.add((i, home))
-            todo += i.all_input_nodes
+        if region.get(i) != home or (i, home) in copies or op_name(i) not in CHEAP or i.op not in ("call_function", "call_method"):
+            continue
+        if i in on_stream and (i in moved or any(op_name(u) in _MATERIALIZING for u in i.users)):
+            continue  # a sum that one graph writes out too (a matmul reads it), or one the block received
+        copies.add((i, home))
+        todo += i.all_input_nodes
     return copies
 
 

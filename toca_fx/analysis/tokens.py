@@ -89,7 +89,7 @@ def follow(node: fx.Node, flow: TokenFlow) -> Info:
     """The token axes of one node's output, from those of its inputs already in `flow`."""
     name = op_name(node)
     rule = _RULES.get(name)
-    if rule is None and name in _POINTWISE:
+    if rule is None and name in POINTWISE:
         rule = _pointwise
     if rule is None:
         raise NotTokenLocal(f"op '{name}' ({node.name}) is not known to act per token")
@@ -426,7 +426,7 @@ def _sdpa(node: fx.Node, flow: TokenFlow) -> Info:
     return iq
 
 
-_POINTWISE = frozenset(
+POINTWISE = frozenset(
     """add sub mul truediv div floordiv neg pow exp log sqrt rsqrt tanh sigmoid silu gelu relu
     float half bfloat16 to type_as contiguous clone dropout sin cos abs clamp clamp_min clamp_max
     where masked_fill leaky_relu softplus erf rsub iadd imul isub itruediv square reciprocal mish
