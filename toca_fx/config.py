@@ -40,9 +40,9 @@ class ToCaConfig:
     regional: compile a variant block by block (`toca_fx.regions`): each distinct form of block once,
         reused by every block of that form, where blocks share forms and hold work; False compiles each
         variant as one whole graph. On an H100 (bf16, docs/benchmarks.md, session 22) by regions
-        compiled PixArt-alpha 1024 and DiT-XL/2 at 0.23-0.52x plain Inductor's time at ratio 1.0 and
-        interval 4, ratio 0.3 (whole: 0.72-1.80x), 1.05-1.06x at the ToCa presets (whole: 1.60-1.76x),
-        and ran within 3% of whole graphs' speed, as close to the model run in float32. With
+        compiled DiT-XL/2, PixArt-alpha and FLUX.1-dev at 0.23-0.58x plain Inductor's time at ratio
+        1.0 and interval 4, ratio 0.3 (whole: 0.72-2.34x), 1.05-1.27x at the ToCa presets (whole:
+        1.60-1.97x), and ran within 3% of whole graphs' speed, as close to the model run in float32. With
         `parallel_compile`, the first two variants compile here and the rest in workers.
     calls_per_step: calls of the model per denoising step, each with its own cache: 2 for a pipeline
         that calls the model for the conditional, then the unconditional half of classifier-free
