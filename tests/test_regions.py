@@ -302,6 +302,25 @@ def test_blocks_that_all_differ_compile_whole(monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=lambda m: f"step {step}: {m}")
 
 
+def test_steps_that_reuse_every_branch_compile_whole(monkeypatch):
+    # Every kind's ratio factor 0: the partial step adds each branch's cached output, a chain of adds
+    # with no matmul in a block: cut, it would spare no compilation and cost a call per block.
+    compiles = []
+    monkeypatch.setattr(backend_module, "compile_inductor", lambda g, inputs, patches, wide_rows: compiles.append(g) or g)
+    model = _dit()
+    reuse = dict(interval=2, num_steps=4, kind_factors={"self_attn": 0.0, "mlp": 0.0})
+    config = ToCaConfig(parallel_compile=False, **reuse)
+    assert config.regional
+    cached, backend = _generate(model, config, _inputs(model, 4))
+    rows = {r["label"]: r for r in backend.stats()["compile_times"]}
+    assert set(rows) == {"full", "partial"}
+    assert rows["full"].get("blocks") == DEPTH and "blocks" not in rows["partial"], rows
+    assert compiles[-1] is backend.graphs[0].variant_graph("partial")
+    _, _, eager = _eager_run("dit", ToCaConfig(inner="eager", parallel_compile=False, **reuse))
+    for step, (a, b) in enumerate(zip(cached, eager)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=lambda m: f"step {step}: {m}")
+
+
 # --- 4. config --------------------------------------------------------------------------------------
 
 def test_regional_must_be_a_bool():
