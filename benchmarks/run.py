@@ -11,11 +11,11 @@ own are used), then run it (pip, or where pip fails or is missing, `python -m zi
 
     { python -m pip install -q --upgrade --no-index --no-deps --target /tmp/site .whl/*.whl \
       || for w in .whl/*.whl; do python -m zipfile -e "$w" /tmp/site || exit 1; done; } \
-      && PYTHONPATH=/tmp/site:$PWD python benchmarks/run.py --models flux --cudagraphs on --repeats 3
+      && PYTHONPATH=/tmp/site:$PWD python benchmarks/run.py --models flux --cudagraphs on --repeats 2 --skip eager
 
-On an H100 all five settings take more than 10 minutes (Inductor's cold compile 116 s, the preset's
-335 s; a generation 1.7-3.7 s compiled; docs/benchmarks.md): under a time limit per command, split
-them with --skip (e.g. --skip "eager|ratio 1.0|N=4", then --skip "eager|preset").
+On an H100 that took 7 minutes (session 23: plain Inductor's cold compile 107 s, the preset's 93 s; a
+generation 1.7-3.7 s compiled; docs/benchmarks.md). Under a shorter time limit per command, split the
+settings with --skip (e.g. --skip "eager|ratio 1.0|N=4", then --skip "eager|preset").
 
 To fill `.whl/` (on a machine with PyPI): pip download --only-binary=:all: --python-version 3.12
 --implementation cp --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform
