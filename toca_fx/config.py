@@ -41,7 +41,7 @@ class ToCaConfig:
         reused by every block of that form, where blocks share forms; False compiles each
         variant as one whole graph. On an H100 (bf16, docs/benchmarks.md) by regions compiled
         DiT-XL/2, PixArt-alpha and FLUX.1-dev at 0.26-0.66x plain Inductor's time at ratio 1.0 and
-        interval 4, ratio 0.3, 0.87-1.57x at the ToCa presets; whole, 0.72-2.34x and 1.60-1.97x, at
+        interval 4, ratio 0.3, 0.84-1.57x at the ToCa presets; whole, 0.72-2.34x and 1.60-1.97x, at
         speeds within 3% of regions' and as close to the model run in float32 (session 22,
         docs/benchmarks-history.md). With `parallel_compile`, the first two variants compile here and
         the rest in workers.
