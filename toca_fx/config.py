@@ -39,12 +39,12 @@ class ToCaConfig:
         compiles the variants itself from then on.
     regional: compile a variant block by block (`toca_fx.regions`): each distinct form of block once,
         reused by every block of that form, where blocks share forms; False compiles each
-        variant as one whole graph. On an H100 (bf16, docs/benchmarks.md) by regions compiled
-        DiT-XL/2, PixArt-alpha and FLUX.1-dev at 0.26-0.66x plain Inductor's time at ratio 1.0 and
-        interval 4, ratio 0.3, 0.84-1.57x at the ToCa presets; whole, 0.72-2.34x and 1.60-1.97x, at
-        speeds within 3% of regions' and as close to the model run in float32 (session 22,
-        docs/benchmarks-history.md). With `parallel_compile`, the first two variants compile here and
-        the rest in workers.
+        variant as one whole graph. On an H100 (bf16, docs/benchmarks.md), compiling DiT-XL/2,
+        PixArt-alpha and FLUX.1-dev by regions took 0.26-0.66x plain Inductor's time at ratio 1.0
+        and at interval 4, ratio 0.3, and 0.84-1.57x at the ToCa presets. Whole, it took 0.72-2.34x
+        and 1.60-1.97x (sessions 20-22, docs/benchmarks-history.md), and the result ran within 3% of
+        the regions' speed, as close to the model run in float32. With `parallel_compile`, the first
+        two variants compile here and the rest in workers.
     calls_per_step: calls of the model per denoising step, each with its own cache: 2 for a pipeline
         that calls the model for the conditional, then the unconditional half of classifier-free
         guidance (batched guidance, one call with both halves, is 1).
