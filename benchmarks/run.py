@@ -11,9 +11,9 @@ own are used), then run it (pip, or where pip fails or is missing, `python -m zi
 
     { python -m pip install -q --upgrade --no-index --no-deps --target /tmp/site .whl/*.whl \
       || for w in .whl/*.whl; do python -m zipfile -e "$w" /tmp/site || exit 1; done; } \
-      && PYTHONPATH=/tmp/site:$PWD python benchmarks/run.py --models flux --cudagraphs on --repeats 2 --skip eager
+      && PYTHONPATH=/tmp/site:$PWD python benchmarks/run.py --models flux --cudagraphs on --repeats 2
 
-On an H100 that took 7 minutes (session 23: plain Inductor's cold compile 107 s, the preset's 93 s; a
+On an H100 that took 7 minutes (session 23: plain Inductor's cold compile 108 s, the preset's 91 s; a
 generation 1.7-3.7 s compiled; docs/benchmarks.md). Under a shorter time limit per command, split the
 settings with --skip (e.g. --skip "eager|ratio 1.0|N=4", then --skip "eager|preset").
 

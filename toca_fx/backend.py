@@ -26,7 +26,7 @@ from .cudagraphs import CudaGraphed
 from .flops import graph_flops, shapes_of, spec_shape
 from .inductor import TensorMeta, compile_inductor
 from .policies.toca import BranchPlan, ToCaPolicy, drop_dead_fills, plan_key
-from .regions import Regional, compile_regions, mark_stream
+from .regions import Regional, compile_graph, mark_stream
 from .rewrite.variants import buffer_specs, build_variant, tag_branch
 from .shapes import PerShape
 from .state import CacheState
@@ -411,9 +411,7 @@ def _compile(
     """`gm` as `inner` runs it: by regions (`toca_fx.regions`) where `regional` and blocks repeat, else whole."""
     if inner == "eager":
         return gm
-    one = partial(compile_inductor, patches=_patches(options), wide_rows=wide_rows)
-    fn = compile_regions(gm, inputs, one) if regional else None
-    return fn if fn is not None else one(gm, inputs)
+    return compile_graph(gm, inputs, partial(compile_inductor, patches=_patches(options), wide_rows=wide_rows), regional)
 
 
 def _patches(options: dict) -> dict:

@@ -41,7 +41,7 @@ import torch.fx as fx
 from torch._dynamo.utils import counters
 
 from .inductor import TensorMeta, compile_inductor
-from .regions import STREAM, compile_regions
+from .regions import STREAM, compile_graph
 
 AUTO_MIN_CPUS = 8  # parallel_compile=None is on from this many usable cores (on 2 it was slower)
 _BENCHMARKING = ("max_autotune", "max_autotune_gemm", "max_autotune_pointwise", "coordinate_descent_tuning")
@@ -64,8 +64,8 @@ def enabled(setting: bool | None, patches: dict[str, Any]) -> bool:
 
 
 def job(gm: fx.GraphModule, inputs: list[Any], patches: dict[str, Any], regional: bool = False) -> bytes:
-    """What a worker needs to compile `gm` as `compile_inductor(gm, inputs, patches)` here would, or
-    with `regional`, as `compile_regions` with it would (the stream's marks go along)."""
+    """What a worker needs to compile `gm` as `regions.compile_graph` with `compile_inductor(patches)`
+    and `regional` here would (with `regional`, the stream's marks go along)."""
     configs = (torch._inductor.config.save_config(), torch._functorch.config.save_config())
     marks = {n.name: n.meta[STREAM] for n in gm.graph.nodes if STREAM in n.meta} if regional else None
     return pickle.dumps((_dump(gm), [TensorMeta.of(x) for x in inputs], patches, configs, _process_state(), marks))
@@ -389,6 +389,5 @@ def _main() -> None:
         if n.name in marks:
             n.meta[STREAM] = marks[n.name]
     with _taking_on(state):
-        if not marks or compile_regions(gm, inputs, one) is None:
-            one(gm, inputs)
+        compile_graph(gm, inputs, one, bool(marks))
     print(_TIMES + json.dumps([began, time.time()]), flush=True)

@@ -68,6 +68,15 @@ def mark_stream(branches: list[Branch]) -> None:
         branch.add.meta[STREAM] = j
 
 
+def compile_graph(
+    gm: fx.GraphModule, inputs: list[Any], compile_one: Callable[[fx.GraphModule, list[Any]], Callable], regional: bool
+) -> Callable:
+    """`gm` compiled by regions where `regional` and `compile_regions` cuts it, else whole with
+    `compile_one`: the one choice this process and a worker compiling ahead for it must both make."""
+    fn = compile_regions(gm, inputs, compile_one) if regional else None
+    return fn if fn is not None else compile_one(gm, inputs)
+
+
 def compile_regions(
     gm: fx.GraphModule, inputs: list[Any], compile_one: Callable[[fx.GraphModule, list[Any]], Callable]
 ) -> Regional | None:
