@@ -69,7 +69,7 @@ class TestDeadColumns(TestCase):
 %9 = add(%8, %4)
 %10 = add(%9, %7)
 return (%10,)""")
-        torch.testing.assert_close(_call(gm, module, c, x), module(c, x), rtol=0, atol=0)
+        torch.testing.assert_close(_call(gm, module, c, x), module(c, x), rtol=1e-6, atol=1e-6)  # any BLAS
 
     def test_split_sizes_and_what_is_left_alone(self):
         torch.manual_seed(0)
@@ -78,7 +78,7 @@ return (%10,)""")
         gm, matched = _narrowed(_traced(module, c, x))
         self.assertEqual(matched, 1)
         self.assertIn("narrow(in1, 0, 20, 4)", graph_text(gm))
-        torch.testing.assert_close(_call(gm, module, c, x), module(c, x), rtol=0, atol=0)
+        torch.testing.assert_close(_call(gm, module, c, x), module(c, x), rtol=1e-6, atol=1e-6)  # any BLAS
         self.assertEqual(_narrowed(_traced(Modulation("reshape"), c, x))[1], 0)
 
 
