@@ -26,11 +26,11 @@ from typing import Any
 import torch
 
 from toca_fx import FORAPolicy, Router, ToCaBackend, ToCaConfig
-from toca_fx.metrics import (classifier_accuracy, classifier_features, digits_frechet_distance,
+from toca_fx.eval.metrics import (classifier_accuracy, classifier_features, digits_frechet_distance,
                              features_frechet_distance, psnr)
 from toca_fx.models.digits import load_digits_classifier, load_digits_dit
 from toca_fx.router import TrainConfig, train
-from toca_fx.sampling import ddim_sample
+from toca_fx.eval.sampling import ddim_sample
 
 TARGETS = (1.5, 2.0, 3.0)
 TOCA_GRID = [(i, r) for i in (2, 3, 4, 6) for r in (0.1, 0.3, 0.5)]

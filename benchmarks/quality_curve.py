@@ -19,9 +19,9 @@ from typing import Callable
 import torch
 
 from toca_fx import ToCaBackend, ToCaConfig
-from toca_fx.metrics import classifier_accuracy, digits_frechet_distance, psnr, relative_l2
+from toca_fx.eval.metrics import classifier_accuracy, digits_frechet_distance, psnr, relative_l2
 from toca_fx.models.digits import RESOLUTION, load_digits_classifier, load_digits_dit
-from toca_fx.sampling import ddim_sample
+from toca_fx.eval.sampling import ddim_sample
 
 TOCA_SETTINGS = [(2, 0.5), (3, 0.3), (4, 0.3), (5, 0.2), (6, 0.1), (8, 0.1)]
 

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from score_kernel import report, time_us
-from toca_fx.inductor import wide_row_reductions
+from toca_fx.compile.inductor import wide_row_reductions
 
 SHAPES = [("DiT-XL/2 256x256", 16, 256, 1152), ("PixArt-alpha 1024x1024", 2, 4096, 1152),
           ("PixArt-alpha 2048x2048", 2, 16384, 1152), ("FLUX.1-dev 1024x1024", 1, 4608, 3072)]

@@ -72,7 +72,7 @@ from torch._inductor.utils import clear_caches
 
 import toca_fx
 from toca_fx import ToCaBackend, ToCaConfig
-from toca_fx.inductor import wide_row_reductions
+from toca_fx.compile.inductor import wide_row_reductions
 from toca_fx.models import DiT, PixArt
 
 
@@ -317,7 +317,7 @@ def run_case(
             torch.cuda.empty_cache()  # the previous setting's caches and graph pools are gone
         if isinstance(backend, ToCaConfig):
             backend = ToCaBackend(replace(backend, parallel_compile=parallel_compile))
-            parallel = toca_fx.parallel_compile.enabled(parallel_compile, {})  # as this setting starts
+            parallel = toca_fx.compile.workers.enabled(parallel_compile, {})  # as this setting starts
         same = backend == SAME_REDUCTIONS
         fn = model if backend is None else torch.compile(model, backend="inductor" if same else backend, dynamic=False, mode=mode)
         counters.clear()

@@ -1,5 +1,5 @@
 """The "attention" score of one block at each benchmark model's size: torch's path against the Triton
-kernel (`toca_fx.attention_columns`), each compiled by Inductor, from the views of a fused QKV
+kernel (`toca_fx.kernels.attention_columns`), each compiled by Inductor, from the views of a fused QKV
 projection as the models produce them.
 
     python benchmarks/score_kernel.py --out DIR            # on the GPU machine
@@ -22,8 +22,8 @@ from typing import Callable, Iterator
 
 import torch
 
-from toca_fx import attention_columns
-from toca_fx.scores import _fill_influence, _probs, influence_from_map
+from toca_fx.kernels import attention_columns
+from toca_fx.ops.scores import _fill_influence, _probs, influence_from_map
 
 # (model, batch incl. CFG, heads, tokens, head dim): DiT-XL/2-256 batch 8 + CFG, PixArt-alpha at
 # 1024 and 2048 (batch 1 + CFG), FLUX.1-dev at 1024 (4096 image + 512 text tokens, no CFG).

@@ -16,9 +16,9 @@ import time
 import torch
 
 from toca_fx import ToCaBackend, ToCaConfig
-from toca_fx.metrics import classifier_accuracy, digits_frechet_distance, psnr, relative_l2
+from toca_fx.eval.metrics import classifier_accuracy, digits_frechet_distance, psnr, relative_l2
 from toca_fx.models.digits import load_digits_classifier, load_digits_dit
-from toca_fx.sampling import ddim_sample
+from toca_fx.eval.sampling import ddim_sample
 
 SCORES = {
     "staleness": {"staleness": 1.0},

@@ -1,5 +1,5 @@
 """The token choice's top-k at each benchmark model's size: torch's top-k against the Triton ranking
-kernel (`toca_fx.top_k`), each compiled by Inductor.
+kernel (`toca_fx.kernels.top_k`), each compiled by Inductor.
 
     python benchmarks/top_k_kernel.py --out DIR      # on the GPU machine
 
@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 
 from score_kernel import report, time_us
-from toca_fx import top_k
-from toca_fx.top_k import triton
+from toca_fx.kernels import top_k
+from toca_fx.kernels.top_k import triton
 
 # (model, tokens, cached branches): DiT-XL/2-256 and PixArt-alpha (2 and 3 branches a block, 28
 # blocks), FLUX.1-dev's 4096 image tokens (19 double-stream blocks of 2 branches, 38 single of 1).

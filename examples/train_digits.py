@@ -3,7 +3,7 @@
     PYTHONPATH=. python examples/train_digits.py --max-minutes 4       # GPU: a few minutes
     PYTHONPATH=. python examples/train_digits.py --steps 3 --classifier-steps 3 --eval-samples 10 --out /tmp/ck
 
-The DiT learns eps-prediction on the linear 1000-step schedule that toca_fx.sampling uses by default,
+The DiT learns eps-prediction on the linear 1000-step schedule that toca_fx.eval.sampling uses by default,
 with 10% of the labels dropped to the null class for classifier-free guidance; its EMA weights are
 saved in fp16. The classifier is trained on 80% of the digits with random affine jitter and noise (so
 that it judges generated digits, not memorised pixels); the real digits' feature statistics are stored
@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from toca_fx.metrics import (
+from toca_fx.eval.metrics import (
     DigitClassifier,
     classifier_accuracy,
     classifier_features,
@@ -37,7 +37,7 @@ from toca_fx.models.digits import (
     save_checkpoint,
 )
 from toca_fx.models.dit import DiT
-from toca_fx.sampling import DEFAULT_STEPS, alphas_cumprod, ddim_sample
+from toca_fx.eval.sampling import DEFAULT_STEPS, alphas_cumprod, ddim_sample
 
 
 def parse_args() -> argparse.Namespace:

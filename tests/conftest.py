@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from toca_fx import parallel_compile
+from toca_fx.compile import workers
 
 
 @pytest.fixture(autouse=True)
@@ -16,4 +16,4 @@ def _fresh_dynamo():
 def _variants_compiled_in_process(monkeypatch):
     """parallel_compile=None (the default) means no workers, whatever the test machine's cores: tests
     that want workers ask for them."""
-    monkeypatch.setattr(parallel_compile, "AUTO_MIN_CPUS", 1 << 30)
+    monkeypatch.setattr(workers, "AUTO_MIN_CPUS", 1 << 30)

@@ -14,7 +14,7 @@ import torch
 
 from toca_fx.models import DiT, PixArt
 from toca_fx.models.layers import attend, modulate, unpatchify
-from toca_fx.scores import refresh_scores, select_tokens
+from toca_fx.ops.scores import refresh_scores, select_tokens
 
 
 class _Branch:

@@ -7,9 +7,10 @@ import pytest
 import torch
 from torch._inductor.utils import run_and_get_code
 
-from toca_fx import ToCaBackend, ToCaConfig, attention_columns
+from toca_fx import ToCaBackend, ToCaConfig
+from toca_fx.kernels import attention_columns
 
-from .helpers import step_inputs, tiny_dit
+from tests.helpers import step_inputs, tiny_dit
 
 pytestmark = pytest.mark.skipif(
     not (torch.cuda.is_available() and attention_columns.triton is not None),
@@ -74,7 +75,7 @@ def test_compiled_map_matches_the_torch_path():
         x, t, y = step_inputs(model, 1, batch=batch)[0]
         with torch.no_grad():
             _, code = run_and_get_code(fast, x.to(device, dtype), t.to(device, dtype), y.to(device))
-        assert ("toca_fx.attention_columns" in "".join(code)) == (device == "cuda")
+        assert ("toca_fx.kernels.attention_columns" in "".join(code)) == (device == "cuda")
         state = backend.graphs[0].state
         (attn,) = [b for s, b in zip(state.specs, state.stream_buffers[0]) if s.name.startswith("attn_")]
         maps.append(attn.cpu())

@@ -10,8 +10,8 @@ import torch.nn as nn
 import toca_fx
 from toca_fx import ToCaBackend, ToCaConfig
 
-from .helpers import step_inputs, tiny_dit, tiny_pixart
-from .reference import ReferenceCache
+from tests.helpers import step_inputs, tiny_dit, tiny_pixart
+from tests.reference import ReferenceCache
 
 MODELS = {
     "dit_sdpa": lambda: tiny_dit("sdpa"),

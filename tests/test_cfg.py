@@ -6,7 +6,7 @@ import torch
 
 from toca_fx import ToCaBackend, ToCaConfig
 
-from .diffusers_zoo import build, loop_inputs
+from tests.diffusers_zoo import build, loop_inputs
 
 STEPS = 6
 

@@ -2,7 +2,7 @@ import contextlib
 
 import torch
 
-from toca_fx.cudagraphs import CudaGraphed
+from toca_fx.compile.cudagraphs import CudaGraphed
 
 
 class _Graph:

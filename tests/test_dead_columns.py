@@ -1,5 +1,5 @@
 """Linears split into pieces of which some are unread compute only the read columns
-(`toca_fx.rewrite.dead_columns`): the rewritten graph, its results, and what it leaves alone."""
+(`toca_fx.rewrite.columns`): the rewritten graph, its results, and what it leaves alone."""
 from __future__ import annotations
 
 import pytest
@@ -9,11 +9,11 @@ from expecttest import TestCase
 
 from toca_fx import FORAPolicy, ToCaBackend, ToCaConfig
 from toca_fx.rewrite import variants
-from toca_fx.rewrite.dead_columns import narrow_dead_columns
-from toca_fx.rewrite.ops import eliminate_dead_code
+from toca_fx.rewrite.columns import narrow_dead_columns
+from toca_fx.ops.cache import eliminate_dead_code
 
-from .graph_text import graph_text
-from .helpers import step_inputs, tiny_dit
+from tests.graph_text import graph_text
+from tests.helpers import step_inputs, tiny_dit
 
 
 class Modulation(torch.nn.Module):

@@ -10,7 +10,7 @@ import torch
 
 from toca_fx import ToCaBackend, ToCaConfig
 
-from .diffusers_zoo import BUILDERS, build, loop_inputs
+from tests.diffusers_zoo import BUILDERS, build, loop_inputs
 
 STEPS, INTERVAL = 10, 3  # full steps 0, 3, 6, 9; partial steps between
 FULL_STEPS = (0, 3, 6, 9)

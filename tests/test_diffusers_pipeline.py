@@ -7,7 +7,7 @@ import torch
 import toca_fx
 from toca_fx import ToCaConfig
 
-from .diffusers_zoo import build, diffusers
+from tests.diffusers_zoo import build, diffusers
 
 
 def _pipeline():

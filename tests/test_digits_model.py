@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from toca_fx.metrics import classifier_accuracy, digits_frechet_distance
+from toca_fx.eval.metrics import classifier_accuracy, digits_frechet_distance
 from toca_fx.models.digits import RESOLUTION, load_digits_classifier, load_digits_dit
-from toca_fx.sampling import DEFAULT_STEPS, ddim_sample
+from toca_fx.eval.sampling import DEFAULT_STEPS, ddim_sample
 
 REPO = Path(__file__).resolve().parents[1]
 

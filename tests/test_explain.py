@@ -6,7 +6,7 @@ import torch
 
 import toca_fx
 
-from .diffusers_zoo import BUILDERS, build, loop_inputs
+from tests.diffusers_zoo import BUILDERS, build, loop_inputs
 
 attention_modules = pytest.importorskip("diffusers.models.attention")
 processors = pytest.importorskip("diffusers.models.attention_processor")

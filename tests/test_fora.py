@@ -7,7 +7,7 @@ import torch
 from toca_fx import FORAPolicy, ToCaBackend, ToCaConfig
 from toca_fx.models.layers import modulate, unpatchify
 
-from .helpers import step_inputs, tiny_dit
+from tests.helpers import step_inputs, tiny_dit
 
 
 def _fora_reference(model, inputs, interval):

@@ -7,7 +7,7 @@ from expecttest import TestCase
 from toca_fx import ToCaBackend, ToCaConfig
 from toca_fx.models.dit import DiTBlock
 
-from .graph_text import graph_text
+from tests.graph_text import graph_text
 
 
 def _variants(manual: bool, self_attn: str, **config) -> ToCaBackend:

@@ -18,9 +18,9 @@ from torch._inductor.virtualized import V
 import toca_fx
 import toca_fx.backend
 from toca_fx import ToCaBackend, ToCaConfig
-from toca_fx.inductor import PERSISTENT_ROWS, TensorMeta, compile_inductor, wide_rows_choices
+from toca_fx.compile.inductor import PERSISTENT_ROWS, TensorMeta, compile_inductor, wide_rows_choices
 
-from .helpers import tiny_dit_generation as _generation
+from tests.helpers import tiny_dit_generation as _generation
 
 
 def test_a_second_compilation_loads_from_both_caches_with_equal_outputs(tmp_path, monkeypatch):

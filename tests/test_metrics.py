@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from toca_fx.metrics import (
+from toca_fx.eval.metrics import (
     DigitClassifier,
     classifier_accuracy,
     feature_statistics,

@@ -11,12 +11,13 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from toca_fx import ToCaBackend, ToCaConfig, parallel_compile
+from toca_fx import ToCaBackend, ToCaConfig
+from toca_fx.compile import workers
 from toca_fx.models import DiT
-from toca_fx.parallel_compile import _TIMES, Prefetch, _dump, _load
+from toca_fx.compile.workers import _TIMES, Prefetch, _dump, _load
 
-from .helpers import SIZE, step_inputs
-from .helpers import tiny_dit_generation as _generation
+from tests.helpers import SIZE, step_inputs
+from tests.helpers import tiny_dit_generation as _generation
 
 
 def test_variants_compiled_in_workers_are_loaded_from_the_caches_and_match(tmp_path, monkeypatch, caplog):
@@ -43,11 +44,11 @@ def test_variants_compiled_in_workers_are_loaded_from_the_caches_and_match(tmp_p
     assert "compiled ahead in a worker: queued " in messages[2]
     # The full variant compiled here; the partial one, compiled by a worker meanwhile, loaded.
     assert counters["aot_autograd"]["autograd_cache_hit"] == counters["inductor"]["fxgraph_cache_hit"] == compiles - 1
-    assert not parallel_compile._live  # every worker waited for
+    assert not workers._live  # every worker waited for
     torch._dynamo.reset()
     counters.clear()
     warm, _ = _generation(replace(config, parallel_compile=True))  # compiled before: all loaded
-    assert counters["inductor"]["fxgraph_cache_hit"] == compiles and not parallel_compile._live
+    assert counters["inductor"]["fxgraph_cache_hit"] == compiles and not workers._live
     assert all(torch.equal(a, b) for a, b in zip(parallel, warm))
     torch._dynamo.reset()
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "serial"))
@@ -75,7 +76,7 @@ def test_regional_variants_past_the_second_compile_in_workers_region_by_region(t
     assert "compiled ahead in a worker by regions: 4 blocks" in ready[2]
     assert counters["inductor"]["fxgraph_cache_miss"] > 0  # the first two, here
     loaded = counters["inductor"]["fxgraph_cache_hit"]
-    assert loaded >= 3 and not parallel_compile._live  # the third's prologue, block and epilogue at least
+    assert loaded >= 3 and not workers._live  # the third's prologue, block and epilogue at least
     torch._dynamo.reset()
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "serial"))
     serial, _ = _deep_generation(replace(config, parallel_compile=False))
@@ -118,14 +119,14 @@ _FAIL = "import sys; sys.exit('boom: ' + sys.stdin.read())"
 
 
 @pytest.fixture
-def workers(monkeypatch):
+def worker_code(monkeypatch):
     """Sets the workers' code; restores the state a failure leaves."""
-    monkeypatch.setattr(parallel_compile, "_failed", False)
-    return lambda code: monkeypatch.setattr(parallel_compile, "_command", lambda: [sys.executable, "-c", code])
+    monkeypatch.setattr(workers, "_failed", False)
+    return lambda code: monkeypatch.setattr(workers, "_command", lambda: [sys.executable, "-c", code])
 
 
-def test_workers_run_a_few_at_a_time_in_order_and_are_all_reaped(workers):
-    workers(_SLEEP)
+def test_workers_run_a_few_at_a_time_in_order_and_are_all_reaped(worker_code):
+    worker_code(_SLEEP)
     made = []
     ahead = Prefetch(max_workers=2)
     ahead.add({key: lambda key=key: made.append(key) or b"0.2" for key in "abc"})
@@ -135,13 +136,13 @@ def test_workers_run_a_few_at_a_time_in_order_and_are_all_reaped(workers):
     assert made == ["a", "b", "c"] and len(ahead.running) <= 2
     ahead.wait("c")
     ahead.wait("b")
-    assert not ahead.running and not ahead.queue and not parallel_compile._live
+    assert not ahead.running and not ahead.queue and not workers._live
     assert [p.returncode for p in started.values()] == [0, 0]
 
 
-def test_workers_report_where_their_seconds_went(workers):
+def test_workers_report_where_their_seconds_went(worker_code):
     # Each sleeps for its job's seconds, then says when it began and ended, as a compiling worker does.
-    workers(f"import sys, time, json; b = time.time(); time.sleep(float(sys.stdin.read())); "
+    worker_code(f"import sys, time, json; b = time.time(); time.sleep(float(sys.stdin.read())); "
             f"print({_TIMES!r} + json.dumps([b, time.time()]))")
     ahead = Prefetch(max_workers=1)
     ahead.add({"a": lambda: b"0.5", "b": lambda: b"0.2"})
@@ -152,18 +153,18 @@ def test_workers_report_where_their_seconds_went(workers):
     assert a.queued < 0.5 <= b.queued  # "b" waited for "a"'s slot
 
 
-def test_a_job_due_before_its_worker_started_is_left_to_the_caller(workers):
-    workers(_SLEEP)
+def test_a_job_due_before_its_worker_started_is_left_to_the_caller(worker_code):
+    worker_code(_SLEEP)
     ahead = Prefetch(max_workers=1)
     ahead.add({"a": lambda: b"0.2", "b": lambda: pytest.fail("never started")})
     ahead.wait("b")  # due now: no worker will compile it
     assert "b" not in ahead.queue
     ahead.wait("a")
-    assert not ahead.running and not parallel_compile._live
+    assert not ahead.running and not workers._live
 
 
-def test_a_failed_worker_warns_once_and_then_none_start(workers):
-    workers(_FAIL)
+def test_a_failed_worker_warns_once_and_then_none_start(worker_code):
+    worker_code(_FAIL)
     ahead = Prefetch(max_workers=2)
     ahead.add({"a": lambda: b"a", "b": lambda: b"b", "c": lambda: b"c"})
     with pytest.warns(UserWarning, match="compiling a variant in a worker process failed") as caught:
@@ -171,11 +172,11 @@ def test_a_failed_worker_warns_once_and_then_none_start(workers):
         ahead.wait("b")
     assert len(caught) == 1 and "boom" in str(caught[0].message)
     assert not ahead.queue and not ahead.running  # "c" is left to this process
-    assert not parallel_compile.enabled(True, {})
+    assert not workers.enabled(True, {})
 
 
-def test_workers_stop_once_a_variant_no_worker_compiled_loads_from_the_caches(workers):
-    workers(_SLEEP)
+def test_workers_stop_once_a_variant_no_worker_compiled_loads_from_the_caches(worker_code):
+    worker_code(_SLEEP)
     ahead = Prefetch(max_workers=1)
     ahead.add({"b": lambda: b"60", "c": lambda: b"60"})
     process = ahead.running["b"].process
@@ -185,11 +186,11 @@ def test_workers_stop_once_a_variant_no_worker_compiled_loads_from_the_caches(wo
     with ahead.compiling("a2"):
         counters["inductor"]["fxgraph_cache_hit"] += 1  # loaded from the caches
     assert not ahead.running and not ahead.queue and process.returncode is not None
-    assert not parallel_compile._live
+    assert not workers._live
 
 
-def test_a_variant_loaded_from_its_workers_entries_stops_no_worker(workers):
-    workers(_SLEEP)
+def test_a_variant_loaded_from_its_workers_entries_stops_no_worker(worker_code):
+    worker_code(_SLEEP)
     ahead = Prefetch(max_workers=2)
     ahead.add({"b": lambda: b"0", "c": lambda: b"60"})
     ahead.running["b"].process.wait()
@@ -199,28 +200,28 @@ def test_a_variant_loaded_from_its_workers_entries_stops_no_worker(workers):
         counters["inductor"]["fxgraph_cache_hit"] += 1  # loaded: what its worker compiled
     assert list(ahead.running) == ["c"]
     ahead.stop()
-    assert not parallel_compile._live
+    assert not workers._live
 
 
-def test_workers_still_running_at_exit_are_stopped(workers):
-    workers(_SLEEP)
+def test_workers_still_running_at_exit_are_stopped(worker_code):
+    worker_code(_SLEEP)
     ahead = Prefetch(max_workers=1)
     ahead.add({"a": lambda: b"60"})
     process = ahead.running["a"].process
-    parallel_compile._stop_all()  # what atexit runs
+    workers._stop_all()  # what atexit runs
     assert process.returncode is not None and process.returncode != 0
-    assert not parallel_compile._live
+    assert not workers._live
 
 
 def test_enabled_by_setting_cores_caches_and_autotuning(monkeypatch):
-    monkeypatch.setattr(parallel_compile, "AUTO_MIN_CPUS", 8)
-    monkeypatch.setattr(parallel_compile, "_cpus", lambda: 16)
-    assert parallel_compile.enabled(None, {}) and parallel_compile.enabled(True, {})
-    assert not parallel_compile.enabled(False, {})
-    assert not parallel_compile.enabled(True, {"max_autotune": True})  # workers would time kernels at once
-    monkeypatch.setattr(parallel_compile, "_cpus", lambda: 2)
-    assert not parallel_compile.enabled(None, {}) and parallel_compile.enabled(True, {})
+    monkeypatch.setattr(workers, "AUTO_MIN_CPUS", 8)
+    monkeypatch.setattr(workers, "_cpus", lambda: 16)
+    assert workers.enabled(None, {}) and workers.enabled(True, {})
+    assert not workers.enabled(False, {})
+    assert not workers.enabled(True, {"max_autotune": True})  # workers would time kernels at once
+    monkeypatch.setattr(workers, "_cpus", lambda: 2)
+    assert not workers.enabled(None, {}) and workers.enabled(True, {})
     # config.patch, not monkeypatch: pytest 9.2's undo deletes a module attribute that lives outside
     # the module's __dict__, which hides Inductor's config entry for the rest of the session.
     with torch._inductor.config.patch(fx_graph_cache=False):
-        assert not parallel_compile.enabled(True, {})
+        assert not workers.enabled(True, {})

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from toca_fx.metrics import digits_frechet_distance
+from toca_fx.eval.metrics import digits_frechet_distance
 from toca_fx.models.digits import digits_dataset, load_digits_classifier
 
 _spec = importlib.util.spec_from_file_location("policies_quality", Path(__file__).parents[1] / "benchmarks" / "policies_quality.py")

@@ -1,4 +1,4 @@
-"""Regional compilation (`toca_fx.regions`): a variant cut into prologue, blocks and epilogue, each
+"""Regional compilation (`toca_fx.compile.regions`): a variant cut into prologue, blocks and epilogue, each
 distinct block form compiled once and reused."""
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import toca_fx.backend as backend_module
 from toca_fx import ToCaBackend, ToCaConfig
 from toca_fx.models import DiT, PixArt
 from toca_fx.analysis.tokens import op_name
-from toca_fx.regions import CHEAP, STREAM, Regional, _ancestors, compile_regions, cut_graph
-from toca_fx.rewrite.ops import SIDE_EFFECTS
+from toca_fx.compile.regions import CHEAP, STREAM, Regional, _ancestors, compile_regions, cut_graph
+from toca_fx.ops.cache import SIDE_EFFECTS
 
 DEPTH = 4
 STEPS = 6

@@ -13,7 +13,7 @@ from toca_fx.router.student import Student
 from toca_fx.router.train import TrainResult, _budget_router, _center, _final_error, _keep_if_best, _validation_set
 from toca_fx.router.trajectory import Sampler
 
-from .helpers import step_inputs, tiny_dit
+from tests.helpers import step_inputs, tiny_dit
 
 STEPS = 4
 

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from toca_fx.sampling import DEFAULT_STEPS, alphas_cumprod, ddim_sample, ddim_timesteps
+from toca_fx.eval.sampling import DEFAULT_STEPS, alphas_cumprod, ddim_sample, ddim_timesteps
 
 SHAPE = (1, 4, 4)
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from toca_fx.scores import refresh_scores, select_batch, select_tokens
+from toca_fx.ops.scores import refresh_scores, select_batch, select_tokens
 
 
 def _state(x):
@@ -45,7 +45,7 @@ def test_choice_is_unique_deterministic_and_shared_by_the_batch():
 
 # -- ToCa's scores on hand-made inputs ----------------------------------------------------------
 
-from toca_fx.scores import (  # noqa: E402
+from toca_fx.ops.scores import (  # noqa: E402
     attention_influence,
     cross_entropy,
     entropy_from_map,
@@ -175,7 +175,7 @@ def test_batched_choice_refuses_the_score_that_reads_the_stream():
 
 
 def test_fused_choice_refuses_bad_input_before_any_kernel():
-    from toca_fx.top_k import top_k_refresh
+    from toca_fx.kernels.top_k import top_k_refresh
 
     score, state = torch.rand(8), torch.zeros(8)
     with pytest.raises(ValueError, match=r"k must be in \[1, 8\]"):

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from toca_fx import ToCaBackend, ToCaConfig
-from toca_fx.scores import influence_from_map, select_batch, select_tokens
+from toca_fx.ops.scores import influence_from_map, select_batch, select_tokens
 
-from .helpers import step_inputs, tiny_dit, tiny_pixart
+from tests.helpers import step_inputs, tiny_dit, tiny_pixart
 
 TOCA = {"attention": 1.0, "cross_entropy": 0.5, "staleness": 0.25, "spatial": 0.6}
 
@@ -95,7 +95,7 @@ def test_scores_from_state_alone_keep_no_reference_norm_and_do_not_read_the_stre
 
 
 def test_attention_map_in_half_precision_ranks_like_float32():
-    from toca_fx.scores import attention_influence
+    from toca_fx.ops.scores import attention_influence
 
     g = torch.Generator().manual_seed(0)
     q, k = torch.randn(2, 4, 64, 16, generator=g), torch.randn(2, 4, 64, 16, generator=g)

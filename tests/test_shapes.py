@@ -9,7 +9,7 @@ import torch
 
 from toca_fx import ToCaBackend, ToCaConfig, ToCaWarning
 
-from .diffusers_zoo import build, loop_inputs
+from tests.diffusers_zoo import build, loop_inputs
 
 
 def _backend(ratio=0.5, self_attn="reuse"):

@@ -13,9 +13,9 @@ from toca_fx import ToCaBackend, ToCaConfig
 from toca_fx.analysis import tokens
 from toca_fx.analysis.tokens import op_name
 from toca_fx.policies.toca import FULL, ToCaPolicy
-from toca_fx.scores import refresh_scores, select_tokens
+from toca_fx.ops.scores import refresh_scores, select_tokens
 
-from .graph_text import graph_text
+from tests.graph_text import graph_text
 
 DIM, HEADS, TOKENS, RATIO = 16, 2, 8, 0.5
 CONFIG = dict(interval=2, ratio=RATIO, num_steps=4, self_attn="recompute", inner="eager")

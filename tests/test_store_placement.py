@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from toca_fx.store_placement import PlaceStores
+from toca_fx.compile.store_placement import PlaceStores
 
 
 def _graph() -> tuple[fx.Graph, dict[str, fx.Node]]:

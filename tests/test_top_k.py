@@ -1,5 +1,5 @@
 """The Triton top-k kernel against a stable descending sort. It runs only where CUDA and Triton are
-(the GPU machine); elsewhere `toca_fx.scores.top_indices` takes torch's top-k, which tests/test_scores.py
+(the GPU machine); elsewhere `toca_fx.ops.scores.top_indices` takes torch's top-k, which tests/test_scores.py
 covers through the token choice."""
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch._inductor.utils import run_and_get_code
 
-from toca_fx import top_k
-from toca_fx.scores import select_batch, select_tokens, top_indices
+from toca_fx.kernels import top_k
+from toca_fx.ops.scores import select_batch, select_tokens, top_indices
 
 pytestmark = pytest.mark.skipif(
     not (torch.cuda.is_available() and top_k.triton is not None), reason="the kernel needs CUDA and Triton"
@@ -48,11 +48,11 @@ def test_rows_strides_dtypes_and_nan():
 def test_compiled_choice_calls_the_kernel_up_to_its_comparison_budget():
     score = _tied(4096, 0)
     got, code = run_and_get_code(torch.compile(lambda s: top_indices(s * 2, 1229)), score.cuda())
-    assert "topk" not in "".join(code) and "toca_fx.top_k" in "".join(code)
+    assert "topk" not in "".join(code) and "toca_fx.kernels.top_k" in "".join(code)
     assert got.cpu().tolist() == _reference(score, 1229)
     # Beyond the budget (84 rows of 4096: torch's top-k was 7x faster) torch's top-k is taken.
     _, code = run_and_get_code(torch.compile(lambda s: top_indices(s * 2, 1229)), torch.randn(84, 4096, device="cuda"))
-    assert "topk" in "".join(code) and "toca_fx.top_k" not in "".join(code)
+    assert "topk" in "".join(code) and "toca_fx.kernels.top_k" not in "".join(code)
 
 
 def test_batched_choice_on_the_gpu_is_the_cpu_choice():

@@ -7,7 +7,7 @@ from .config import ToCaConfig
 from .explain import Report, explain
 from .pipeline import enable
 from .policies.fora import FORAPolicy
-from .policies.router import Router
+from .policies.learned import Router
 
 toca_backend = ToCaBackend()
 

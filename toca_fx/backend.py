@@ -19,18 +19,18 @@ from typing import Any, Callable, NamedTuple
 import torch
 import torch.fx as fx
 
-from . import parallel_compile
+from .compile import workers
 from .analysis.residual import Analysis, find_branches
 from .config import ToCaConfig
-from .cudagraphs import CudaGraphed
-from .flops import graph_flops, shapes_of, spec_shape
-from .inductor import TensorMeta, compile_inductor
+from .compile.cudagraphs import CudaGraphed
+from .runtime.flops import graph_flops, shapes_of, spec_shape
+from .compile.inductor import TensorMeta, compile_inductor
 from .policies.toca import BranchPlan, ToCaPolicy, drop_dead_fills, plan_key
-from .regions import Regional, compile_graph, mark_stream
+from .compile.regions import Regional, compile_graph, mark_stream
 from .rewrite.variants import buffer_specs, build_variant, tag_branch
-from .shapes import PerShape
-from .state import CacheState
-from .store_placement import PlaceStores
+from .runtime.shapes import PerShape
+from .runtime.state import CacheState
+from .compile.store_placement import PlaceStores
 
 
 log = logging.getLogger("toca_fx")  # INFO: each variant's compilation, as it ends (they can take minutes)
@@ -115,7 +115,7 @@ class _Variant:
     used: frozenset[int] | None = None  # indices of the buffers its graph reads or writes
     fn: Callable | None = None  # compiled `graph`
     seconds: float = 0.0  # its first call's wait for `fn`: compiling it, or its worker and loading it
-    worker: parallel_compile.WorkerTimes | None = None  # where a worker compiled it ahead
+    worker: workers.WorkerTimes | None = None  # where a worker compiled it ahead
     regions: tuple[int, int] | None = None  # compiled by regions: (blocks, distinct forms compiled)
 
 
@@ -145,7 +145,7 @@ class CachedGraph:
         self._flops: dict[Any, Counter] = {}  # plan key or "uncached" -> FLOPs by branch index
         self._example: list[Any] | None = None
         self._pool = None
-        self._ahead = parallel_compile.Prefetch()  # workers compiling variants before their first calls
+        self._ahead = workers.Prefetch()  # workers compiling variants before their first calls
         self._prefetched: set[int] = set()  # num_steps of the generations whose variants went to it
         for branch in analysis.branches:
             tag_branch(branch)
@@ -306,13 +306,13 @@ class CachedGraph:
 
     def _prefetch(self, first: _Variant, args: tuple) -> None:
         """At a generation's first compilation, its other variants go to workers that compile them into
-        Inductor's caches meanwhile, where `parallel_compile.enabled`."""
+        Inductor's caches meanwhile, where `workers.enabled`."""
         num_steps = self.state.num_steps
         if self.config.inner != "inductor" or num_steps in self._prefetched:
             return
         self._prefetched.add(num_steps)
         graphed = self._graphed(args)
-        ahead = parallel_compile.enabled(self.config.parallel_compile, _patches(self._options(first, graphed)))
+        ahead = workers.enabled(self.config.parallel_compile, _patches(self._options(first, graphed)))
         order = list(dict.fromkeys(s.variant for s in self._generations[num_steps] if s.variant.fn is None))
         # By regions, a variant compiles here in about the time a worker takes to start (PixArt-alpha
         # 1024 on the H100: 6-13 s against 8-11 s), so the first two compile here, the rest ahead.
@@ -333,7 +333,7 @@ class CachedGraph:
         used = self._used(variant)
         buffers = [TensorMeta.contiguous(s.shape if i in used else (0,), s.dtype, s.device) for i, s in enumerate(self.state.specs)]
         patches = _patches(self._options(variant, graphed))
-        return parallel_compile.job(self._graph(variant), [*metas, *buffers], patches, self.config.regional)
+        return workers.job(self._graph(variant), [*metas, *buffers], patches, self.config.regional)
 
     def _used(self, variant: _Variant) -> frozenset[int]:
         if variant.used is None:
@@ -408,7 +408,7 @@ def _fraction(num: int, den: int) -> float:
 def _compile(
     gm: fx.GraphModule, inputs: list[Any], inner: str, options: dict, wide_rows: bool = True, regional: bool = False
 ) -> Callable:
-    """`gm` as `inner` runs it: by regions (`toca_fx.regions`) where `regional` and blocks repeat, else whole."""
+    """`gm` as `inner` runs it: by regions (`toca_fx.compile.regions`) where `regional` and blocks repeat, else whole."""
     if inner == "eager":
         return gm
     return compile_graph(gm, inputs, partial(compile_inductor, patches=_patches(options), wide_rows=wide_rows), regional)

@@ -5,7 +5,7 @@ from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any, Mapping
 
-from .scores import DEFAULT_WEIGHTS, SCORES
+from .ops.scores import DEFAULT_WEIGHTS, SCORES
 
 SELF_ATTN_MODES = ("reuse", "recompute", "recompute_cached_kv")
 INNER_COMPILERS = ("inductor", "eager")
@@ -37,7 +37,7 @@ class ToCaConfig:
         timing kernels at once would mislead each other's choices). Workers share the cores and take
         memory (with CUDA, a context each on the GPU); one that fails warns once, and this process
         compiles the variants itself from then on.
-    regional: compile a variant block by block (`toca_fx.regions`): each distinct form of block once,
+    regional: compile a variant block by block (`toca_fx.compile.regions`): each distinct form of block once,
         reused by every block of that form, where blocks share forms; False compiles each
         variant as one whole graph. On an H100 (bf16, docs/benchmarks.md), compiling DiT-XL/2,
         PixArt-alpha and FLUX.1-dev by regions took 0.26-0.66x plain Inductor's time at ratio 1.0
@@ -48,7 +48,7 @@ class ToCaConfig:
     calls_per_step: calls of the model per denoising step, each with its own cache: 2 for a pipeline
         that calls the model for the conditional, then the unconditional half of classifier-free
         guidance (batched guidance, one call with both halves, is 1).
-    scores: weight per token score (see `toca_fx.scores`), as a mapping or (name, weight) pairs.
+    scores: weight per token score (see `toca_fx.ops.scores`), as a mapping or (name, weight) pairs.
     attention_queries: queries sampled (evenly spaced) to estimate the self-attention map that the
         "attention" score reads, on full steps; 0 takes all queries. A written-out softmax map is read
         whole at no extra cost.

@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 
 from . import ToCaBackend, ToCaConfig
-from .metrics import classifier_accuracy, digits_frechet_distance, psnr, ssim
+from .eval.metrics import classifier_accuracy, digits_frechet_distance, psnr, ssim
 from .models.digits import RESOLUTION, load_digits_classifier, load_digits_dit
-from .sampling import ddim_sample
+from .eval.sampling import ddim_sample
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..metrics import DigitClassifier
+from ..eval.metrics import DigitClassifier
 from .dit import DiT
 
 CHECKPOINT_DIR = Path(__file__).parent / "checkpoints"

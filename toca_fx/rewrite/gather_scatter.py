@@ -25,7 +25,7 @@ import torch.fx as fx
 
 from ..analysis.residual import Branch
 from ..analysis.tokens import Axes, index_items, op_name, shape
-from .ops import gather_rows, joint_rows, scatter_rows
+from ..ops.cache import gather_rows, joint_rows, scatter_rows
 
 ROWS, FULL = "rows", "full"
 _SIZED = {"view", "reshape", "expand", "broadcast_to"}

@@ -16,7 +16,7 @@ import torch.fx as fx
 
 from ..analysis.residual import Analysis, Branch
 from ..analysis.tokens import Axes, op_name, shape
-from ..scores import attention_influence, cross_entropy, entropy_from_map, influence_from_map
+from ..ops.scores import attention_influence, cross_entropy, entropy_from_map, influence_from_map
 
 _SDPA = "scaled_dot_product_attention"
 _CONVS = {"conv2d", "conv3d", "convolution", "_convolution"}

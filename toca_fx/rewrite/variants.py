@@ -30,15 +30,15 @@ import torch.fx as fx
 from ..analysis.residual import Analysis, Branch, find_branches
 from ..analysis.tokens import shape
 from ..config import ToCaConfig
-from ..flops import BRANCH
+from ..runtime.flops import BRANCH
 from ..policies.toca import BranchPlan
-from ..scores import DEFAULT_WEIGHTS, refresh_scores, select_batch, select_tokens
-from ..state import BufferSpec
-from .dead_columns import narrow_dead_columns
+from ..ops.scores import DEFAULT_WEIGHTS, refresh_scores, select_batch, select_tokens
+from ..runtime.state import BufferSpec
+from .columns import narrow_dead_columns
 from .gather_scatter import gather_branch, insertion_point
-from .ops import eliminate_dead_code, no_rows, store
+from ..ops.cache import eliminate_dead_code, no_rows, store
 from .score_maps import entropy_source, fill_maps, influence_source, readers, token_grid
-from .split_projection import split_projections
+from .projections import split_projections
 
 
 @dataclass

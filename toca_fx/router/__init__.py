@@ -3,7 +3,7 @@
     result = toca_fx.router.train(model, (C, H, W), config=TrainConfig(num_steps=20), path="router.pt")
     backend = ToCaBackend(ToCaConfig(policy=Router.load("router.pt"), num_steps=20))
 """
-from ..policies.router import Router
+from ..policies.learned import Router
 from .train import TrainConfig, TrainResult, train
 
 __all__ = ["Router", "TrainConfig", "TrainResult", "train"]

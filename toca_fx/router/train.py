@@ -41,7 +41,7 @@ from typing import Callable
 import torch
 
 from ..config import check_field
-from ..policies.router import Router
+from ..policies.learned import Router
 from .iepo import estimate_lambdas
 from .student import Student
 from .trajectory import Sampler

@@ -1,4 +1,4 @@
-"""The DDIM trajectory of router training, step by step, as `toca_fx.sampling.ddim_sample` runs it
+"""The DDIM trajectory of router training, step by step, as `toca_fx.eval.sampling.ddim_sample` runs it
 (eta = 0, batched classifier-free guidance, x0 clipped), but differentiable and with a hook per step."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Callable
 
 import torch
 
-from ..sampling import alphas_cumprod, ddim_timesteps
+from ..eval.sampling import alphas_cumprod, ddim_timesteps
 
 Model = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 

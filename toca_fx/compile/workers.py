@@ -244,8 +244,8 @@ class _Worker:
 def _command() -> list[str]:
     """This toca_fx, then what this process imports from: `python -c` would look in the working
     directory first, where another checkout of toca_fx may be."""
-    path = [str(Path(__file__).parents[1]), *sys.path]
-    return [sys.executable, "-c", f"import sys; sys.path[:] = {path!r}; from toca_fx.parallel_compile import _main; _main()"]
+    path = [str(Path(__file__).parents[2]), *sys.path]
+    return [sys.executable, "-c", f"import sys; sys.path[:] = {path!r}; from toca_fx.compile.workers import _main; _main()"]
 
 
 def _warn_if_failed(worker: _Worker) -> bool:

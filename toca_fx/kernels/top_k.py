@@ -7,7 +7,7 @@ to slot r if r < k. Each program ranks one tile of a row's tokens against the wh
 tile, so a row of N tokens has N / BLOCK_I programs. The result is in rank order (highest first, ties to
 the lower index), deterministic, and equal to a stable descending sort's first k. NaN ranks as -inf,
 so every slot is written whatever the scores hold. Used where `supports` holds (CUDA, Triton); elsewhere
-`toca_fx.scores` takes torch's top-k.
+`toca_fx.ops.scores` takes torch's top-k.
 
 `top_k_refresh` is one branch's whole token choice in that one launch: as each program knows its
 tokens' ranks, it also resets the chosen tokens' staleness (the others' goes up by one) and keeps their

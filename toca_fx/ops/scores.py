@@ -24,8 +24,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from . import attention_columns, top_k
-from .rewrite.ops import SIDE_EFFECTS
+from ..kernels import attention_columns
+from ..kernels import top_k
+from .cache import SIDE_EFFECTS
 
 SCORES = ("attention", "cross_entropy", "staleness", "spatial", "change", "random")
 DEFAULT_WEIGHTS = (("change", 1.0), ("staleness", 1.0))  # sorted, as ToCaConfig keeps weights
@@ -113,7 +114,7 @@ def select_batch(
 
 def top_indices(score: torch.Tensor, k: int, ordered: bool = False) -> torch.Tensor:
     """Indices of the k highest entries of each row of a score ([N] -> [k], [R, N] -> [R, k]); `ordered`:
-    highest first. On the GPU a Triton kernel ranks the scores (`toca_fx.top_k`: in rank order, ties to
+    highest first. On the GPU a Triton kernel ranks the scores (`toca_fx.kernels.top_k`: in rank order, ties to
     the lower index) where torch's top-k takes one thread block per row."""
     if top_k.supports(score):
         return top_k.top_k(score, k)
@@ -193,7 +194,7 @@ def attention_influence(
     """Fill `out` [N] with the attention each of the stream's N keys (from `start` on the key axis)
     receives, summed over queries, heads and batch and L2-normalised. q, k: [..., L, d]; `queries` > 0
     estimates the map from that many evenly spaced queries (fused attention keeps no map). On the GPU
-    (bf16, fp16) Triton kernels (`toca_fx.attention_columns`) compute it without writing out the map."""
+    (bf16, fp16) Triton kernels (`toca_fx.kernels.attention_columns`) compute it without writing out the map."""
     if 0 < queries < q.shape[-2]:
         q = q[..., :: q.shape[-2] // queries, :][..., :queries, :]
     if attention_columns.supports(q, k):

@@ -13,7 +13,7 @@ views of the fused QKV projection as they are (no copies). H100, 64 sampled quer
 graphs (`benchmarks/score_kernel.py`, session 13; DiT's kernel has since gone from 4 warps to 8, see
 ONE_TILE_WARPS): DiT-XL/2 17.5 us against torch's 35; PixArt-alpha 1024 48 against 57; FLUX.1-dev 33
 against 46. Used where `supports` holds (CUDA tensors, Triton importable,
-[B, H, L, d] queries and keys in bf16 or fp16); `toca_fx.scores` falls back to torch elsewhere.
+[B, H, L, d] queries and keys in bf16 or fp16); `toca_fx.ops.scores` falls back to torch elsewhere.
 """
 from __future__ import annotations
 

@@ -25,7 +25,7 @@ from torch._guards import detect_fake_mode
 
 from ..analysis.residual import Branch
 from ..analysis.tokens import op_name, shape
-from .dead_columns import _pieces
+from .columns import _pieces
 from .gather_scatter import FULL, ROWS, wanted
 
 _AXIS_MOVES = {"permute", "transpose"}

@@ -166,4 +166,4 @@ def _toca_functions(gm: fx.GraphModule) -> dict[str, str]:
 def _source_hash() -> str:
     from torch._inductor.custom_graph_pass import get_hash_for_files
 
-    return get_hash_for_files(tuple(sorted(str(p) for p in Path(__file__).parent.rglob("*.py")))).hex()
+    return get_hash_for_files(tuple(sorted(str(p) for p in Path(__file__).parents[1].rglob("*.py")))).hex()

@@ -44,8 +44,8 @@ from torch.fx.node import _get_qualified_name, map_arg
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.multiprocessing.reductions import StorageWeakRef
 
-from .analysis.residual import Branch
-from .analysis.tokens import POINTWISE, op_name
+from ..analysis.residual import Branch
+from ..analysis.tokens import POINTWISE, op_name
 from .inductor import TensorMeta
 
 STREAM = "toca_stream"  # node meta key: a residual add's position along the stream (0: the stream's input)
