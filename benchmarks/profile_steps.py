@@ -76,7 +76,7 @@ def per_plan(backend: ToCaBackend, fn, x0, args_of, steps: int, cfg: bool) -> li
     labels: dict[tuple, str] = {}
 
     def timed(*args, **kwargs):
-        label, variant = graph._plan(graph.state.step)
+        label, variant = graph.next_step()
         key = variant.key
         out = []
         times[key].append(elapsed(lambda: out.append(call(fn, kwargs or args)), x0.is_cuda) * 1e3)
@@ -115,7 +115,7 @@ def per_plan_kernels(backend: ToCaBackend, fn, model, x0, args_of, case, graphed
     calls: dict[str, int] = defaultdict(int)
 
     def profiled(*args, **kwargs):
-        label, variant = graph._plan(graph.state.step)
+        label, variant = graph.next_step()
         key = variant.key
         name = f"{label}: {describe(key)}"
         with _profiled(x0.is_cuda) as step:

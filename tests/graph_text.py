@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from toca_fx.analysis.tokens import op_name
+from toca_fx.analysis.graphs import op_name
 
 
 def graph_text(gm: fx.GraphModule) -> str:

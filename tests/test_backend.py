@@ -210,11 +210,11 @@ def test_theoretical_flops_follow_the_skipped_work():
 
 
 def test_graphs_with_reused_branches_compile_with_capped_fusion(monkeypatch):
-    import toca_fx.backend as backend_module
+    import toca_fx.runtime.compiler as compiler_module
 
     seen = []
-    real = backend_module._compile
-    monkeypatch.setattr(backend_module, "_compile", lambda gm, inputs, inner, options, **kw: seen.append(options) or real(gm, inputs, inner, options, **kw))
+    real = compiler_module.compile_variant
+    monkeypatch.setattr(compiler_module, "compile_variant", lambda gm, inputs, inner, options, **kw: seen.append(options) or real(gm, inputs, inner, options, **kw))
     model = tiny_dit()
     fora = ToCaBackend(ToCaConfig(policy=toca_fx.FORAPolicy(2), num_steps=4, inner="eager"))  # whole-branch reuse
     _run(model, fora, step_inputs(model, 4))
@@ -225,11 +225,11 @@ def test_graphs_with_reused_branches_compile_with_capped_fusion(monkeypatch):
 
 
 def test_caching_graphs_compile_without_timing_pointwise_configs(monkeypatch):
-    import toca_fx.backend as backend_module
+    import toca_fx.runtime.compiler as compiler_module
 
     seen = []
-    real = backend_module._compile
-    monkeypatch.setattr(backend_module, "_compile", lambda gm, inputs, inner, options, **kw: seen.append(options) or real(gm, inputs, inner, options, **kw))
+    real = compiler_module.compile_variant
+    monkeypatch.setattr(compiler_module, "compile_variant", lambda gm, inputs, inner, options, **kw: seen.append(options) or real(gm, inputs, inner, options, **kw))
     model = tiny_dit()
     toca = ToCaBackend(ToCaConfig(interval=2, ratio=0.5, num_steps=4, inner="eager"))
     _run(model, toca, step_inputs(model, 4))

@@ -10,7 +10,7 @@ from expecttest import TestCase
 from toca_fx import FORAPolicy, ToCaBackend, ToCaConfig
 from toca_fx.rewrite import variants
 from toca_fx.rewrite.columns import narrow_dead_columns
-from toca_fx.ops.cache import eliminate_dead_code
+from toca_fx.rewrite.dead_code import eliminate_dead_code
 
 from tests.graph_text import graph_text
 from tests.helpers import step_inputs, tiny_dit

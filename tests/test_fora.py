@@ -44,7 +44,7 @@ def test_fora_matches_hand_written_reuse():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=f"step {step}")
     assert not torch.allclose(cached[2], uncached[2], atol=1e-4)
     stats = backend.stats()
-    assert stats["calls"] == {"full": 3, "reuse": 4}
+    assert stats["calls"] == {"full": 3, "partial": 4}
     assert stats["compiles"] == 2  # one graph per distinct plan
     assert stats["flops_ratio"] < 0.75
 

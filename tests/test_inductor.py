@@ -16,9 +16,10 @@ from torch._inductor.sizevars import SizeVarAllocator
 from torch._inductor.virtualized import V
 
 import toca_fx
-import toca_fx.backend
+import toca_fx.compile.options
 from toca_fx import ToCaBackend, ToCaConfig
-from toca_fx.compile.inductor import PERSISTENT_ROWS, TensorMeta, compile_inductor, wide_rows_choices
+from toca_fx.analysis.fake import TensorMeta
+from toca_fx.compile.inductor import PERSISTENT_ROWS, compile_inductor, wide_rows_choices
 
 from tests.helpers import tiny_dit_generation as _generation
 
@@ -99,7 +100,7 @@ def test_variants_compile_with_wide_rows_keyed_and_the_plain_fallback_without(mo
     assert type(V.choices).__name__ == "InductorChoices"  # the choice ends with the compilation
 
     flags = []
-    monkeypatch.setattr(toca_fx.backend, "compile_inductor", lambda gm, inputs, patches, wide_rows: flags.append(wide_rows) or gm)
+    monkeypatch.setattr(toca_fx.compile.options, "compile_inductor", lambda gm, inputs, patches, wide_rows: flags.append(wide_rows) or gm)
     torch._dynamo.reset()
     fast = torch.compile(torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU()), backend=ToCaBackend(), dynamic=False)
     with torch.no_grad(), pytest.warns(toca_fx.ToCaWarning, match="no cacheable residual branch"):

@@ -99,9 +99,9 @@ def test_a_dumped_graph_loads_with_the_same_code():
     config = ToCaConfig.preset("dit", num_steps=12, inner="eager")  # full, partial levels, reused branches
     _, backend = _generation(config)
     graph = backend.graphs[0]
-    assert len(graph._variants) > 2
-    for variant in graph._variants.values():
-        gm = graph._graph(variant)
+    assert len(graph.planner.variants) > 2
+    for variant in graph.planner.variants:
+        gm = graph.compiler.graph(variant)
         assert _load(_dump(gm)).code == gm.code  # the code, from which the caches' keys are made
 
 

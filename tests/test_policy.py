@@ -6,8 +6,10 @@ from types import SimpleNamespace
 import pytest
 
 from toca_fx import ToCaConfig
-from toca_fx.policies.schedules import PRESETS, ramp
-from toca_fx.policies.toca import BranchPlan, ToCaPolicy, drop_dead_fills, plan_key
+from toca_fx.policies.presets import PRESETS
+from toca_fx.policies.schedules import ramp
+from toca_fx.policies.plan import BranchPlan, drop_dead_fills, plan_key
+from toca_fx.policies.toca import ToCaPolicy
 
 
 def _branches(kinds: list[str], tokens: int = 100) -> list[SimpleNamespace]:

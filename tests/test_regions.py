@@ -9,12 +9,15 @@ import pytest
 import torch
 import torch.fx as fx
 
-import toca_fx.backend as backend_module
+import toca_fx.compile.options as options_module
+import toca_fx.runtime.compiler as compiler_module
 from toca_fx import ToCaBackend, ToCaConfig
 from toca_fx.models import DiT, PixArt
-from toca_fx.analysis.tokens import op_name
-from toca_fx.compile.regions import CHEAP, STREAM, Regional, _ancestors, compile_regions, cut_graph
-from toca_fx.ops.cache import SIDE_EFFECTS
+from toca_fx.analysis.graphs import op_name
+from toca_fx.analysis.graphs import ancestors
+from toca_fx.analysis.marks import stream_marks
+from toca_fx.compile.regions import CHEAP, Regional, compile_regions, cut_graph
+from toca_fx.ops import SIDE_EFFECTS
 
 DEPTH = 4
 STEPS = 6
@@ -62,7 +65,7 @@ def _eager_run(name: str, config: ToCaConfig) -> tuple[ToCaBackend, dict, list[t
     """The model run with inner="eager" (cheap): its backend, each variant graph's first inputs by graph
     id, and each step's output."""
     seen = {}
-    real = backend_module._compile
+    real = compiler_module.compile_variant
 
     def recording(gm, inputs, *args, **kwargs):
         seen.setdefault(id(gm), list(inputs))
@@ -70,7 +73,7 @@ def _eager_run(name: str, config: ToCaConfig) -> tuple[ToCaBackend, dict, list[t
 
     model = MODELS[name]()
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(backend_module, "_compile", recording)
+        patch.setattr(compiler_module, "compile_variant", recording)
         outs, backend = _generate(model, config, _inputs(model, config.num_steps))
     return backend, seen, outs
 
@@ -84,7 +87,7 @@ def eager_runs() -> dict:
 def _stub_inductor(monkeypatch) -> list[fx.GraphModule]:
     """Inductor stubbed in the backend (each graph runs as it is): the graphs it is handed, in order."""
     compiles = []
-    monkeypatch.setattr(backend_module, "compile_inductor", lambda g, inputs, patches, wide_rows: compiles.append(g) or g)
+    monkeypatch.setattr(options_module, "compile_inductor", lambda g, inputs, patches, wide_rows: compiles.append(g) or g)
     return compiles
 
 
@@ -147,7 +150,7 @@ def test_cut_graph_splits_a_partial_step_into_blocks(name, eager_runs):
         for n in region:
             where.setdefault(n, []).append(r)
     assert set(where) == {n for n in nodes if n.op not in ("placeholder", "get_attr", "output")}
-    x0 = next(n for n in nodes if n.meta.get(STREAM) == 0)
+    x0 = next(n for n, j in stream_marks(nodes).items() if j == 0)
     for n, rs in where.items():
         if len(rs) > 1:
             assert len(rs) == 2 and rs[1] == rs[0] + 1 and rs[0] > 0, (n.name, rs)
@@ -163,7 +166,7 @@ def test_cut_graph_splits_a_partial_step_into_blocks(name, eager_runs):
 
     # The stream: x0 in the prologue, the residual adds in their blocks, in order: a block's closing
     # add in it or in the next region, another add in its block and perhaps again in the next region.
-    marks = {n: n.meta[STREAM] for n in nodes if STREAM in n.meta}
+    marks = stream_marks(nodes)
     per_block = ADDS_PER_BLOCK[name]
     assert sorted(marks.values()) == list(range(DEPTH * per_block + 1))
     assert where[x0] == [0]
@@ -179,7 +182,7 @@ def test_cut_graph_splits_a_partial_step_into_blocks(name, eager_runs):
         if marks.get(n) and any(r not in rs for u in n.users for r in where.get(u, [])):
             assert marks[n] % per_block == 0 or any(op_name(u) == "linear" for u in n.users), n.name
     # No prologue node reads the stream (x0 or anything computed from it).
-    assert not [n.name for n in prologue if n is not x0 and x0 in _ancestors(n)]
+    assert not [n.name for n in prologue if n is not x0 and x0 in ancestors(n)]
     # The blocks after the first are alike: the same ops, in the same order.
     assert len({_ops(b) for b in blocks[1:]}) == 1, [len(b) for b in blocks]
 
@@ -192,7 +195,7 @@ def test_compile_regions_runs_like_the_whole_graph(name, eager_runs):
     n_args = len(seen[id(gm)]) - len(graph.state.specs)
     # The variant's inputs as the backend builds them, with the buffers as the 6-step run left them
     # (filled by full steps, updated by partial ones): a partial step's realistic state.
-    inputs = graph._inputs(graph._labels["partial"], tuple(seen[id(gm)][:n_args]))
+    inputs = graph.variant_inputs("partial", tuple(seen[id(gm)][:n_args]))
     compiled = []
 
     def compile_one(region: fx.GraphModule, metas: list) -> fx.GraphModule:
@@ -272,7 +275,7 @@ def test_blocks_that_all_differ_compile_whole(monkeypatch):
     backend, seen, eager = _eager_run("dit", ToCaConfig(inner="eager", **config))
     graph = backend.graphs[0]
     gm = graph.variant_graph("partial")
-    ks = [plan.k for _, plan in graph._labels["partial"].key if plan.mode == "rows"]
+    ks = [plan.k for _, plan in graph.planner.first_of("partial").key if plan.mode == "rows"]
     assert len(ks) == 2 * DEPTH and len(set(ks)) == DEPTH, ks  # the premise: rows differ from block to block
     assert cut_graph(gm.graph) is not None  # the cut is found ...
     compiled = []

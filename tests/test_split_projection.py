@@ -10,9 +10,10 @@ import torch.nn.functional as F
 from expecttest import TestCase
 
 from toca_fx import ToCaBackend, ToCaConfig
-from toca_fx.analysis import tokens
-from toca_fx.analysis.tokens import op_name
-from toca_fx.policies.toca import FULL, ToCaPolicy
+from toca_fx.analysis import rules
+from toca_fx.analysis.graphs import op_name
+from toca_fx.policies.plan import StepKind
+from toca_fx.policies.toca import ToCaPolicy
 from toca_fx.ops.scores import refresh_scores, select_tokens
 
 from tests.graph_text import graph_text
@@ -105,7 +106,7 @@ return (%31,)""")
         with torch.no_grad():
             for step in range(CONFIG["num_steps"]):
                 inputs = x + 0.05 * step * drift
-                expected = reference(inputs, policy.label(step, CONFIG["num_steps"]) == FULL)
+                expected = reference(inputs, policy.label(step, CONFIG["num_steps"]) == StepKind.FULL)
                 torch.testing.assert_close(fast(inputs), expected, rtol=1e-5, atol=1e-5, msg=f"step {step}")
         assert backend.stats()["calls"] == {"full": 2, "partial": 2}
 
@@ -136,7 +137,7 @@ class _Reference:
 
 def test_a_split_the_analysis_cannot_follow_keeps_the_fused_projection(monkeypatch):
     # Without its rule for `split` the analysis would lose the attention branch of the split graph.
-    monkeypatch.delitem(tokens._RULES, "split")
+    monkeypatch.delitem(rules.RULES, "split")
     block, backend = _compiled()
     torch.compile(block, backend=backend, dynamic=False)(torch.randn(2, TOKENS, DIM))
     partial = backend.graphs[0].variant_graph("partial")

@@ -6,6 +6,8 @@ from functools import partial
 from typing import Any, Mapping
 
 from .ops.scores import DEFAULT_WEIGHTS, SCORES
+from .policies.plan import Policy
+from .policies.presets import PRESETS
 
 SELF_ATTN_MODES = ("reuse", "recompute", "recompute_cached_kv")
 INNER_COMPILERS = ("inductor", "eager")
@@ -89,16 +91,14 @@ class ToCaConfig:
     depth_levels: int = 4
     step_levels: int = 4
     full_last: int = 0
-    policy: Any = None
+    policy: Policy | None = None
     parallel_compile: bool | None = None
     regional: bool = True
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> "ToCaConfig":
         """The settings of ToCa's paper and code for "dit", "pixart", "opensora", "flux" (see
-        `toca_fx.policies.schedules.PRESETS` for their sources); keywords override them."""
-        from .policies.schedules import PRESETS
-
+        `toca_fx.policies.presets.PRESETS` for their sources); keywords override them."""
         if name not in PRESETS:
             raise ValueError(f"ToCaConfig.preset name must be one of {tuple(PRESETS)}, got {name!r}")
         return replace(cls(**PRESETS[name]), **overrides)
@@ -151,7 +151,7 @@ class ToCaConfig:
             value = getattr(self, name)
             _check(_is_int(value) and value >= 0, name, "an int >= 0", value)
         _check(
-            self.policy is None or all(callable(getattr(self.policy, m, None)) for m in ("label", "plans")),
+            self.policy is None or isinstance(self.policy, Policy),
             "policy", "None or an object with label() and plans()", self.policy,
         )
 

@@ -15,9 +15,9 @@ import torch
 import torch.fx as fx
 
 from .analysis.residual import find_branches
-from .analysis.tokens import shape
+from .analysis.graphs import shape
 from .config import ToCaConfig
-from .rewrite.variants import branch_bytes
+from .rewrite.layout import branch_bytes
 
 
 @dataclass

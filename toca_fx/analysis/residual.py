@@ -13,13 +13,14 @@ cannot be gathered at once, the side with more tokens is cached and the other re
 from __future__ import annotations
 
 import operator
-import re
 from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
 
-from .tokens import Axes, NotTokenLocal, Passengers, TokenFlow, follow, op_name, propagate, shape
+from .axes import Axes, NotTokenLocal, Passengers, TokenFlow
+from .graphs import depends, op_name, positions, readable_name, shape
+from .tokens import follow, propagate
 
 _ADDS = {operator.add, operator.iadd, torch.add}
 
@@ -65,7 +66,7 @@ class Analysis:
 
 def find_branches(graph: fx.Graph) -> Analysis:
     """Every residual branch of `graph`, token-analysed and classified; what failed, with why."""
-    order = {node: i for i, node in enumerate(graph.nodes)}
+    order = positions(graph)
     result = Analysis()
     candidates = []
     for node in graph.nodes:
@@ -89,19 +90,6 @@ def find_branches(graph: fx.Graph) -> Analysis:
     return result
 
 
-def readable_name(node: fx.Node, module_of: fx.Node | None = None) -> str:
-    """`module.path:node` for reports (from nn_module_stack); never used to decide anything."""
-    stack = (module_of or node).meta.get("nn_module_stack") or {}
-    paths = [v[0] if isinstance(v, tuple) else str(v) for v in stack.values()]
-    parts = _MODULE_KEY.sub(r".\1", paths[-1] if paths else "").split(".")  # a['b'] -> a.b
-    path = ".".join(p for p in parts if p and p not in _MODULE_PATH_NOISE)
-    return f"{path}:{node.name}" if path else node.name
-
-
-_MODULE_KEY = re.compile(r"\[['\"]?([\w.]+)['\"]?\]")
-_MODULE_PATH_NOISE = {"L", "self", "L__self__", "__dict__", "_modules"}
-
-
 # ---------------------------------------------------------------------------------------------
 
 def _residual_operands(node: fx.Node, order: dict[fx.Node, int]) -> tuple[fx.Node, fx.Node] | None:
@@ -115,24 +103,11 @@ def _residual_operands(node: fx.Node, order: dict[fx.Node, int]) -> tuple[fx.Nod
     out = shape(node)
     if out is None or len(out) != 3 or shape(a) != out or shape(b) != out:
         return None
-    if order[a] < order[b] and _depends(b, a, order):
+    if order[a] < order[b] and depends(b, a, order):
         return a, b
-    if order[b] < order[a] and _depends(a, b, order):
+    if order[b] < order[a] and depends(a, b, order):
         return b, a
     return None
-
-
-def _depends(node: fx.Node, on: fx.Node, order: dict[fx.Node, int]) -> bool:
-    seen, todo = set(), [node]
-    while todo:
-        n = todo.pop()
-        if n is on:
-            return True
-        for i in n.all_input_nodes:
-            if i not in seen and order[i] >= order[on]:
-                seen.add(i)
-                todo.append(i)
-    return False
 
 
 def _make_branch(add: fx.Node, stream: fx.Node, addend: fx.Node, order: dict[fx.Node, int]) -> Branch:
@@ -157,10 +132,10 @@ def _peel_gate(addend: fx.Node, stream: fx.Node, order: dict[fx.Node, int]) -> t
         return addend, None
     for gate, out in (addend.args, addend.args[::-1]):
         gate_shape = shape(gate)
-        if gate_shape is None or not isinstance(out, fx.Node) or _depends(gate, stream, order):
+        if gate_shape is None or not isinstance(out, fx.Node) or depends(gate, stream, order):
             continue
         axis = 1 - (3 - len(gate_shape))
-        if (axis < 0 or gate_shape[axis] == 1) and _depends(out, stream, order):
+        if (axis < 0 or gate_shape[axis] == 1) and depends(out, stream, order):
             return out, gate
     return addend, None
 

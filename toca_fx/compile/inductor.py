@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -33,39 +32,11 @@ from torch._guards import TracingContext, tracing
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
+from ..analysis.fake import FakeRun, fakes, metas_of
+
 _MARKED = "unsafe_marked_cacheable_functions"
 PERSISTENT_ROWS = 4096  # Inductor's own limit is 1024
 _ROWS_KEY = "toca_fx.persistent_rows"  # in the marked functions, so the choice is in the cache keys
-
-
-@dataclass(frozen=True)
-class TensorMeta:
-    """What a compilation reads of a tensor input (and so what its cache keys hold of it)."""
-
-    shape: tuple[int, ...]
-    stride: tuple[int, ...]
-    dtype: torch.dtype
-    device: torch.device
-    requires_grad: bool = False
-    parameter: bool = False
-
-    @classmethod
-    def of(cls, x: Any) -> Any:
-        """The metadata of `x` if it is a tensor, else `x` itself."""
-        if not isinstance(x, torch.Tensor):
-            return x
-        parameter = isinstance(x, torch.nn.Parameter)
-        return cls(tuple(x.shape), tuple(x.stride()), x.dtype, x.device, x.requires_grad, parameter)
-
-    @classmethod
-    def contiguous(cls, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> TensorMeta:
-        """A contiguous tensor's metadata, as `torch.zeros(shape)` would have."""
-        return cls(tuple(shape), torch.empty(shape, device="meta").stride(), dtype, torch.device(device))
-
-    def fake(self) -> torch.Tensor:
-        """A tensor with this metadata (a fake one under a FakeTensorMode)."""
-        t = torch.empty_strided(self.shape, self.stride, dtype=self.dtype, device=self.device)
-        return torch.nn.Parameter(t, self.requires_grad) if self.parameter else t.requires_grad_(self.requires_grad)
 
 
 def compile_inductor(gm: fx.GraphModule, inputs: list[Any], patches: dict[str, Any], wide_rows: bool = True) -> Callable:
@@ -75,15 +46,14 @@ def compile_inductor(gm: fx.GraphModule, inputs: list[Any], patches: dict[str, A
     from torch._inductor.compile_fx import compile_fx
 
     fake_mode = FakeTensorMode(shape_env=ShapeEnv())
-    metas = [TensorMeta.of(x) for x in inputs]
+    metas = metas_of(inputs)
     gm = _with_example_values(gm, metas, fake_mode)
     marked = {**patches.get(_MARKED, torch._inductor.config.unsafe_marked_cacheable_functions), **_toca_functions(gm)}
     if wide_rows:
         marked[_ROWS_KEY] = str(PERSISTENT_ROWS)
-    with fake_mode:
-        fakes = [m.fake() if isinstance(m, TensorMeta) else m for m in metas]
+    inputs = fakes(metas, fake_mode)
     with tracing(TracingContext(fake_mode)), (wide_row_reductions() if wide_rows else contextlib.nullcontext()):
-        return compile_fx(gm, fakes, config_patches={**patches, _MARKED: marked})
+        return compile_fx(gm, inputs, config_patches={**patches, _MARKED: marked})
 
 
 def wide_row_reductions() -> contextlib.AbstractContextManager[None]:
@@ -128,27 +98,8 @@ def _with_example_values(gm: fx.GraphModule, metas: list[Any], fake_mode: FakeTe
     if all("example_value" in n.meta for n in gm.graph.nodes if n.op != "output"):
         return gm
     gm = fx.GraphModule(gm, copy.deepcopy(gm.graph))  # node metas copied, not shared
-    with fake_mode:
-        _ExampleValues(gm, fake_mode).run(*[m.fake() if isinstance(m, TensorMeta) else m for m in metas])
+    FakeRun(gm, fake_mode, record=True).run_on(metas)
     return gm
-
-
-class _ExampleValues(fx.Interpreter):
-    """Runs a graph on fakes, recording each node's output as its example value."""
-
-    def __init__(self, gm: fx.GraphModule, fake_mode: FakeTensorMode):
-        super().__init__(gm)
-        self.fake_mode = fake_mode
-
-    def run_node(self, n: fx.Node) -> Any:
-        value = super().run_node(n)
-        if n.op != "output":
-            n.meta["example_value"] = value
-        return value
-
-    def fetch_attr(self, target: str) -> Any:
-        value = super().fetch_attr(target)  # a constant of the graph: real, so made fake to run on
-        return self.fake_mode.from_tensor(value) if isinstance(value, torch.Tensor) else value
 
 
 def _toca_functions(gm: fx.GraphModule) -> dict[str, str]:

@@ -44,11 +44,11 @@ from torch.fx.node import _get_qualified_name, map_arg
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.multiprocessing.reductions import StorageWeakRef
 
-from ..analysis.residual import Branch
-from ..analysis.tokens import POINTWISE, op_name
-from .inductor import TensorMeta
+from ..analysis.fake import FakeRun, TensorMeta, fakes
+from ..analysis.graphs import ancestors, op_name
+from ..analysis.marks import on_stream, stream_marks
+from ..analysis.rules import POINTWISE
 
-STREAM = "toca_stream"  # node meta key: a residual add's position along the stream (0: the stream's input)
 PROLOGUE = -1
 # What a region may compute again: elementwise ops and views (not in place), cheap beside a block.
 CHEAP = (POINTWISE - {"iadd", "imul", "isub", "itruediv"}) | {
@@ -57,15 +57,6 @@ CHEAP = (POINTWISE - {"iadd", "imul", "isub", "itruediv"}) | {
 # Ops whose inputs Inductor writes out (its matmul and convolution kernels read them from memory).
 _MATERIALIZING = {"linear", "matmul", "bmm", "mm", "addmm", "baddbmm", "einsum", "scaled_dot_product_attention",
                   "conv1d", "conv2d", "conv3d"}
-
-
-def mark_stream(branches: list[Branch]) -> None:
-    """Mark the branches' residual adds along the stream, in graph order, and the first one's input."""
-    if not branches:
-        return
-    branches[0].stream.meta[STREAM] = 0
-    for j, branch in enumerate(branches, 1):
-        branch.add.meta[STREAM] = j
 
 
 def compile_graph(
@@ -110,7 +101,7 @@ def cut_graph(graph: fx.Graph) -> list[list[fx.Node]] | None:
     """The graph's nodes as [prologue, block 0, ..., block B-1, epilogue], each in graph order; None
     without a marked stream of at least two blocks."""
     nodes = list(graph.nodes)
-    marks = {n: n.meta[STREAM] for n in nodes if STREAM in n.meta}
+    marks = stream_marks(nodes)
     x0 = next((n for n, j in marks.items() if j == 0), None)
     adds = len(marks) - 1
     if x0 is None or adds < 2:
@@ -219,7 +210,7 @@ def _off_stream(nodes: list[fx.Node], region: dict[fx.Node, int], x0: fx.Node, e
             readers[n] |= readers.get(u, set()) if u not in region else {region[u]}
         if any(u.op == "output" for u in n.users):
             readers[n].add(epilogue)
-    prologue = _ancestors(x0)
+    prologue = ancestors(x0)
     placed: dict[fx.Node, int] = {}
     for n in nodes:
         if n not in readers or n.op in ("placeholder", "get_attr"):
@@ -233,7 +224,7 @@ def _off_stream(nodes: list[fx.Node], region: dict[fx.Node, int], x0: fx.Node, e
 
 
 def _hand_over(
-    add: fx.Node, region: dict[fx.Node, int], on_stream: dict[fx.Node, int], moved: set[fx.Node]
+    add: fx.Node, region: dict[fx.Node, int], segment: dict[fx.Node, int], moved: set[fx.Node]
 ) -> set[tuple[fx.Node, int]]:
     """Move a block's closing residual add and its addend (the gated branch output, where the add alone
     reads it) to the next region, with the stores of what those read: there the add fuses with the
@@ -248,7 +239,7 @@ def _hand_over(
     for plain Inductor and by regions with this."""
     home = region[add]
     addend = [i for i in add.all_input_nodes if region.get(i) == home and len(i.users) == 1 and i.op == "call_function"
-              and i.target is not operator.getitem and i.meta.get(STREAM) is None]  # a tuple stays where it is made
+              and i.target is not operator.getitem and not on_stream(i)]  # a tuple stays where it is made
     here = [add, *addend]
     for n in here:
         region[n] = home + 1
@@ -263,21 +254,11 @@ def _hand_over(
         i = todo.pop()
         if region.get(i) != home or (i, home) in copies or op_name(i) not in CHEAP or i.op not in ("call_function", "call_method"):
             continue
-        if i in on_stream and (i in moved or any(op_name(u) in _MATERIALIZING for u in i.users)):
+        if i in segment and (i in moved or any(op_name(u) in _MATERIALIZING for u in i.users)):
             continue  # a sum that one graph writes out too (a matmul reads it), or one the block received
         copies.add((i, home))
         todo += i.all_input_nodes
     return copies
-
-
-def _ancestors(node: fx.Node) -> set[fx.Node]:
-    seen, todo = {node}, [node]
-    while todo:
-        for i in todo.pop().all_input_nodes:
-            if i not in seen:
-                seen.add(i)
-                todo.append(i)
-    return seen
 
 
 def _extract(
@@ -306,7 +287,8 @@ def _extract(
         env[n].meta.pop("example_value", None)  # another fake mode's: the compilation makes its own
     outputs = [n for n in nodes if n in sent]
     out = graph.output(tuple(env[n] for n in outputs))
-    values = _run(graph, [metas[i] for i in inputs], fake_mode)
+    ins = fakes([metas[i] for i in inputs], fake_mode)
+    values = [*ins, *FakeRun(fx.GraphModule(torch.nn.Module(), graph), fake_mode).run_fakes(ins)]
     shared = {StorageWeakRef(x.untyped_storage()) for i, x in zip(inputs, values[: len(inputs)]) if i in aliases}
     results = []
     for n, v in zip(outputs, values[len(inputs):]):
@@ -350,14 +332,6 @@ def _leaves(gm: fx.GraphModule, inputs: list[Any]) -> tuple[dict[fx.Node, Any], 
     values = iter(inputs)
     metas = {n: TensorMeta.of(next(values) if n.op == "placeholder" else operator.attrgetter(n.target)(gm)) for n in leaves}
     return metas, {n for n, m in metas.items() if isinstance(m, TensorMeta)}
-
-
-def _run(graph: fx.Graph, metas: list[Any], fake_mode: FakeTensorMode) -> list[Any]:
-    """The graph's inputs and outputs, run on fakes of `metas`."""
-    with fake_mode:
-        fakes = [m.fake() if isinstance(m, TensorMeta) else m for m in metas]
-        outs = fx.Interpreter(fx.GraphModule(torch.nn.Module(), graph)).run(*fakes)
-    return [*fakes, *outs]
 
 
 def _last_reads(regions: list[_Region], output: fx.Node) -> dict[fx.Node, int]:

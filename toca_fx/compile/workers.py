@@ -40,8 +40,10 @@ import torch
 import torch.fx as fx
 from torch._dynamo.utils import counters
 
-from .inductor import TensorMeta, compile_inductor
-from .regions import STREAM, compile_graph
+from ..analysis.fake import metas_of
+from .inductor import compile_inductor
+from ..analysis.marks import set_stream_mark, stream_marks
+from .regions import compile_graph
 
 AUTO_MIN_CPUS = 8  # parallel_compile=None is on from this many usable cores (on 2 it was slower)
 _BENCHMARKING = ("max_autotune", "max_autotune_gemm", "max_autotune_pointwise", "coordinate_descent_tuning")
@@ -67,8 +69,8 @@ def job(gm: fx.GraphModule, inputs: list[Any], patches: dict[str, Any], regional
     """What a worker needs to compile `gm` as `regions.compile_graph` with `compile_inductor(patches)`
     and `regional` here would (with `regional`, the stream's marks go along)."""
     configs = (torch._inductor.config.save_config(), torch._functorch.config.save_config())
-    marks = {n.name: n.meta[STREAM] for n in gm.graph.nodes if STREAM in n.meta} if regional else None
-    return pickle.dumps((_dump(gm), [TensorMeta.of(x) for x in inputs], patches, configs, _process_state(), marks))
+    marks = {n.name: j for n, j in stream_marks(gm.graph.nodes).items()} if regional else None
+    return pickle.dumps((_dump(gm), metas_of(inputs), patches, configs, _process_state(), marks))
 
 
 @dataclass(frozen=True)
@@ -387,7 +389,7 @@ def _main() -> None:
     gm, one = _load(graph), functools.partial(compile_inductor, patches=patches)
     for n in gm.graph.nodes if marks else ():
         if n.name in marks:
-            n.meta[STREAM] = marks[n.name]
+            set_stream_mark(n, marks[n.name])
     with _taking_on(state):
         compile_graph(gm, inputs, one, bool(marks))
     print(_TIMES + json.dumps([began, time.time()]), flush=True)

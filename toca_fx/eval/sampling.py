@@ -6,10 +6,10 @@ go through together as one batch of 2B. The caching backend counts calls as step
 from __future__ import annotations
 
 import math
-import sys
 from typing import Callable
 
 import torch
+from tqdm import tqdm
 
 TRAIN_TIMESTEPS = 1000
 DEFAULT_STEPS = 25
@@ -37,14 +37,6 @@ def ddim_timesteps(steps: int, timesteps: int = TRAIN_TIMESTEPS) -> torch.Tensor
     if not 1 <= steps <= timesteps:
         raise ValueError(f"steps must be in [1, {timesteps}], got {steps}")
     return torch.linspace(timesteps - 1, 0, steps, dtype=torch.float64).round().long()
-
-
-def _progress(done: int, total: int, width: int = 30) -> None:
-    filled = width * done // total
-    sys.stderr.write(f"\rsampling [{'#' * filled}{'.' * (width - filled)}] {done}/{total}")
-    if done == total:
-        sys.stderr.write("\n")
-    sys.stderr.flush()
 
 
 def _initial_noise(shape: tuple[int, ...], seed: int | torch.Generator, device: torch.device) -> torch.Tensor:
@@ -101,16 +93,20 @@ def ddim_sample(
     ts = ddim_timesteps(steps, len(a_bar))
     x = noise.float().to(device) if noise is not None else _initial_noise((len(labels), *shape), seed, device)
     null = None if cfg_scale == 1.0 else _null_labels(model, labels, null_label)
-    for i, t in enumerate(ts.tolist()):
+    for i, t in enumerate(tqdm(ts.tolist(), desc="sampling", disable=not progress)):
         a_t = a_bar[t].item()
         a_prev = a_bar[ts[i + 1]].item() if i + 1 < len(ts) else 1.0
         t_batch = torch.full((len(labels),), t, dtype=torch.long, device=device)
         eps = _guided_eps(model, x, t_batch, labels, null, cfg_scale, dtype)
-        x0 = (x - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)
-        if clip_x0:
-            x0 = x0.clamp(-1, 1)
-            eps = (x - math.sqrt(a_t) * x0) / math.sqrt(1 - a_t)
-        x = math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev) * eps
-        if progress:
-            _progress(i + 1, len(ts))
+        x = ddim_update(x, eps, a_t, a_prev, clip_x0)
     return x
+
+
+def ddim_update(x: torch.Tensor, eps: torch.Tensor, a_t: float, a_prev: float, clip_x0: bool) -> torch.Tensor:
+    """x at the next step from the model's eps at alpha_bar `a_t` (eta = 0); `clip_x0` clamps the x0
+    prediction to [-1, 1] and re-derives eps from it."""
+    x0 = (x - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)
+    if clip_x0:
+        x0 = x0.clamp(-1, 1)
+        eps = (x - math.sqrt(a_t) * x0) / math.sqrt(1 - a_t)
+    return math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev) * eps

@@ -1,0 +1,20 @@
+"""The functions rewritten graphs call: the cache's (`cache`) and the token scores' (`scores`).
+
+`SIDE_EFFECTS` lists those that update buffers in place (caches, token state, attention maps):
+dead-code elimination keeps them although nothing reads their results.
+"""
+from .cache import scatter_rows, store
+from .scores import (
+    attention_influence,
+    cross_entropy,
+    entropy_from_map,
+    influence_from_map,
+    refresh_scores,
+    select_batch,
+    select_tokens,
+)
+
+SIDE_EFFECTS = frozenset({
+    scatter_rows, store, select_tokens, select_batch, refresh_scores, attention_influence, influence_from_map,
+    cross_entropy, entropy_from_map,
+})

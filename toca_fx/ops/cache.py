@@ -1,11 +1,10 @@
-"""Functions that the rewrite inserts into graphs. They are plain torch code: Inductor traces through
-them, and the printed graph names them (`scatter_rows`, `store`, ...). Those that update cache buffers
-in place are side effects, kept by `eliminate_dead_code` even when nothing reads their result.
+"""The cache's functions that the rewrite inserts into graphs: gathering rows of the chosen tokens,
+scattering recomputed rows into a cache, filling a cache. Plain torch code: Inductor traces through
+them, and the printed graph names them (`scatter_rows`, `store`, ...).
 """
 from __future__ import annotations
 
 import torch
-import torch.fx as fx
 
 
 def gather_rows(x: torch.Tensor, dim: int, idx: torch.Tensor) -> torch.Tensor:
@@ -34,20 +33,3 @@ def scatter_rows(cache: torch.Tensor, dim: int, idx: torch.Tensor, rows: torch.T
 def store(cache: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     """Fill a cache buffer on a full step."""
     return cache.copy_(value)
-
-
-SIDE_EFFECTS: set = {scatter_rows, store}
-
-
-def eliminate_dead_code(graph: fx.Graph) -> None:
-    """FX's dead-code elimination, keeping the cache updates that no node reads."""
-    for node in reversed(graph.nodes):
-        if node.op in ("placeholder", "output") or node.users:
-            continue
-        if node.op == "call_function" and node.target in SIDE_EFFECTS:
-            continue
-        if node.op == "call_method" and node.target.endswith("_"):  # in place (FX deems methods pure)
-            continue
-        if node.is_impure():
-            continue
-        graph.erase_node(node)

@@ -26,7 +26,6 @@ import torch.nn.functional as F
 
 from ..kernels import attention_columns
 from ..kernels import top_k
-from .cache import SIDE_EFFECTS
 
 SCORES = ("attention", "cross_entropy", "staleness", "spatial", "change", "random")
 DEFAULT_WEIGHTS = (("change", 1.0), ("staleness", 1.0))  # sorted, as ToCaConfig keeps weights
@@ -232,8 +231,3 @@ def entropy_from_map(probs: torch.Tensor, out: torch.Tensor, tok: int) -> torch.
     ent = -(p * p.clamp_min(1e-12).log()).sum(dim=-1)
     ent = ent.movedim(tok, -1).reshape(-1, out.shape[0]).mean(dim=0)
     return out.copy_(F.normalize(ent, dim=0))
-
-
-SIDE_EFFECTS.update(
-    {select_tokens, select_batch, refresh_scores, attention_influence, influence_from_map, cross_entropy, entropy_from_map}
-)

@@ -3,10 +3,12 @@ them every branch is skipped and its cached output added (whole-branch reuse, no
 """
 from __future__ import annotations
 
-from ..analysis.residual import Branch
-from .toca import FULL, BranchPlan
+from typing import TYPE_CHECKING
 
-REUSE = "reuse"
+from .plan import BranchPlan, Mode, StepKind
+
+if TYPE_CHECKING:
+    from ..analysis.residual import Branch
 
 
 class FORAPolicy:
@@ -17,11 +19,11 @@ class FORAPolicy:
             raise ValueError(f"FORAPolicy.interval must be an int >= 1, got {interval!r}")
         self.interval = interval
 
-    def label(self, step: int, num_steps: int) -> str:
-        return FULL if step % self.interval == 0 else REUSE
+    def label(self, step: int, num_steps: int) -> StepKind:
+        return StepKind.FULL if step % self.interval == 0 else StepKind.PARTIAL
 
     def plans(self, step: int, num_steps: int, branches: list[Branch]) -> dict[int, BranchPlan]:
-        mode = "fill" if self.label(step, num_steps) == FULL else REUSE
+        mode = Mode.FILL if self.label(step, num_steps) == StepKind.FULL else Mode.REUSE
         return {b.index: BranchPlan(mode) for b in branches}
 
     def __repr__(self) -> str:

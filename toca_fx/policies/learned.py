@@ -8,13 +8,14 @@ and the branch names the router was trained on.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from ..analysis.residual import Branch
-from .toca import FULL, BranchPlan
+from .plan import BranchPlan, Mode, StepKind
 
-PARTIAL = "partial"
+if TYPE_CHECKING:
+    from ..analysis.residual import Branch
 
 
 class Router:
@@ -39,16 +40,16 @@ class Router:
         run[0] = True
         return run
 
-    def label(self, step: int, num_steps: int) -> str:
+    def label(self, step: int, num_steps: int) -> StepKind:
         self._check(num_steps)
-        return FULL if bool(self.computes()[step].all()) else PARTIAL
+        return StepKind.FULL if bool(self.computes()[step].all()) else StepKind.PARTIAL
 
     def plans(self, step: int, num_steps: int, branches: list[Branch]) -> dict[int, BranchPlan]:
         self._check(num_steps)
         if len(branches) != self.gates.shape[1]:
             raise ValueError(f"router trained on {self.gates.shape[1]} branches, the graph has {len(branches)}")
         run = self.computes()[step]
-        return {b.index: BranchPlan("fill" if run[b.index] else "reuse") for b in branches}
+        return {b.index: BranchPlan(Mode.FILL if run[b.index] else Mode.REUSE) for b in branches}
 
     def with_threshold(self, threshold: float) -> "Router":
         return Router(self.gates, threshold, self.branch_names)

@@ -10,13 +10,13 @@ and each read piece as a slice of it. A modulation GEMV reads all its weights: a
 """
 from __future__ import annotations
 
-import math
 import operator
 
 import torch
 import torch.fx as fx
 
-from ..analysis.tokens import op_name, shape
+from ..analysis.graphs import op_name, shape
+from .projections import narrow_linear, split_pieces
 
 
 def narrow_dead_columns(graph: fx.Graph) -> int:
@@ -41,7 +41,7 @@ def _match(node: fx.Node) -> tuple[fx.Node, list[tuple[int, int]], dict[int, lis
     dim = split.args[2] if len(split.args) > 2 else split.kwargs.get("dim", 0)
     if not isinstance(dim, int) or dim % len(out) != len(out) - 1:
         return None
-    pieces = _pieces(op_name(split), split.args[1], out[-1])
+    pieces = split_pieces(op_name(split), split.args[1], out[-1])
     items = [u for u in split.users if u.target is operator.getitem and isinstance(u.args[1], int)]
     if pieces is None or len(items) != len(split.users):
         return None
@@ -53,32 +53,15 @@ def _match(node: fx.Node) -> tuple[fx.Node, list[tuple[int, int]], dict[int, lis
 
 
 def _narrow(graph: fx.Graph, linear: fx.Node, split: fx.Node, pieces: list, reads: dict[int, list[fx.Node]]) -> None:
-    x, weight, bias = (list(linear.args) + [linear.kwargs.get("bias")])[:3]
-    meta = {k: v for k, v in linear.meta.items() if k != "example_value"}  # the full linear's shape
     for run in _runs(sorted(reads)):
         lo, hi = pieces[run[0]][0], pieces[run[-1]][1]
         with graph.inserting_before(split):
-            w = graph.call_function(torch.narrow, (weight, 0, lo, hi - lo))
-            b = graph.call_function(torch.narrow, (bias, 0, lo, hi - lo)) if bias is not None else None
-            part = graph.call_function(linear.target, (x, w, b))
-            part.meta.update(meta)
+            part = narrow_linear(graph, linear, lo, hi)[-1]
             for i in run:
                 start, end = pieces[i]
                 piece = part if len(run) == 1 else graph.call_function(torch.narrow, (part, -1, start - lo, end - start))
                 for item in reads[i]:
                     item.replace_all_uses_with(piece)
-
-
-def _pieces(kind: str, how: object, size: int) -> list[tuple[int, int]] | None:
-    """Column ranges of `chunk(how)` or `split(how)` of an axis of `size`."""
-    if kind == "chunk" and isinstance(how, int):
-        how = math.ceil(size / how)
-    if isinstance(how, int):
-        return [(s, min(s + how, size)) for s in range(0, size, how)]
-    if isinstance(how, (list, tuple)) and all(isinstance(s, int) for s in how) and sum(how) == size:
-        ends = [sum(how[: i + 1]) for i in range(len(how))]
-        return [(e - s, e) for s, e in zip(how, ends)]
-    return None
 
 
 def _runs(indices: list[int]) -> list[list[int]]:

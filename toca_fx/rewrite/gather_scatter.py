@@ -19,15 +19,25 @@ from __future__ import annotations
 
 import operator
 from collections import defaultdict
+from enum import Enum
 
 import torch
 import torch.fx as fx
 
 from ..analysis.residual import Branch
-from ..analysis.tokens import Axes, index_items, op_name, shape
+from ..analysis.axes import Axes
+from ..analysis.graphs import op_name, positions, shape
+from ..analysis.rules import index_items
 from ..ops.cache import gather_rows, joint_rows, scatter_rows
 
-ROWS, FULL = "rows", "full"
+
+
+class Want(Enum):
+    """How a branch node's value is wanted in a partial computation."""
+
+    ROWS = "rows"  # only its rows of the chosen tokens
+    ALL = "all"  # over every token (attention keys and values, or a value wanted both ways)
+
 _SIZED = {"view", "reshape", "expand", "broadcast_to"}
 _SPLITS = {"split", "split_with_sizes", "chunk"}
 
@@ -63,26 +73,26 @@ def gather_branch(
 
 def insertion_point(branch: Branch) -> fx.Node:
     """The first node that the partial computation of `branch` must precede."""
-    return min([branch.out, *branch.flow.passenger_outputs], key=_position(branch).__getitem__)
+    return min([branch.out, *branch.flow.passenger_outputs], key=positions(branch.out.graph).__getitem__)
 
 
-def wanted(branch: Branch, cached_kv: set[fx.Node]) -> dict[fx.Node, set[str]]:
+def wanted(branch: Branch, cached_kv: set[fx.Node]) -> dict[fx.Node, set[Want]]:
     """For each branch node (and passenger output): its rows of the chosen tokens, its full value, or both."""
     inside = set(branch.nodes)
-    needs: dict[fx.Node, set[str]] = defaultdict(set)
-    needs[branch.out].add(ROWS)
+    needs: dict[fx.Node, set[Want]] = defaultdict(set)
+    needs[branch.out].add(Want.ROWS)
     passengers = branch.flow.passenger_outputs
     for node in passengers:
-        needs[node].add(ROWS)
+        needs[node].add(Want.ROWS)
     for node in [*passengers, *reversed(branch.nodes)]:
         full_args = branch.flow.full_inputs.get(node, ())
         for a in node.all_input_nodes:
             if a not in inside:
                 continue
-            if FULL in needs[node] or (a in full_args and a not in cached_kv):
-                needs[a].add(FULL)
-            elif ROWS in needs[node]:
-                needs[a].add(ROWS)
+            if Want.ALL in needs[node] or (a in full_args and a not in cached_kv):
+                needs[a].add(Want.ALL)
+            elif Want.ROWS in needs[node]:
+                needs[a].add(Want.ROWS)
     return needs
 
 
@@ -95,7 +105,7 @@ class _Rows:
         self.graph, self.branch, self.idx, self.k, self.kv_slots = graph, branch, idx, k, kv_slots
         self.flow = branch.flow
         self.needs = wanted(branch, cached_kv=set(kv_slots))
-        position = _position(branch)
+        position = positions(branch.out.graph)
         sinks = sorted([branch.out, *self.flow.passenger_outputs], key=position.__getitem__)
         self.sink_of = {n: next(s for s in sinks if position[s] >= position[n]) for n in [*branch.nodes, *sinks]}
         self.rows: dict[fx.Node, fx.Node] = {}
@@ -103,10 +113,10 @@ class _Rows:
         self.joint: dict[tuple[int, int], fx.Node] = {}
 
     def node(self, node: fx.Node) -> None:
-        if self.needs[node] != {ROWS}:
+        if self.needs[node] != {Want.ROWS}:
             return
         # An element of a multi-output op (chunk, unbind) that runs on all tokens anyway.
-        reads_full = node.target is operator.getitem and FULL in self.needs.get(node.args[0], ())
+        reads_full = node.target is operator.getitem and Want.ALL in self.needs.get(node.args[0], ())
         if reads_full and node in self.flow.passenger_outputs:
             return  # other-stream rows of a full value: leave them as they are
         with self.graph.inserting_before(self.sink_of[node]):
@@ -194,7 +204,3 @@ class _Rows:
 def _dim(node: fx.Node) -> int:
     dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
     return dim + len(shape(node.args[0])) if dim < 0 else dim
-
-
-def _position(branch: Branch) -> dict[fx.Node, int]:
-    return {node: i for i, node in enumerate(branch.out.graph.nodes)}

@@ -13,7 +13,6 @@ linear: they are projected for the chosen tokens only, not for every token and g
 """
 from __future__ import annotations
 
-import contextlib
 import itertools
 import math
 import operator
@@ -21,12 +20,11 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-from torch._guards import detect_fake_mode
 
+from ..analysis.fake import fake_value
 from ..analysis.residual import Branch
-from ..analysis.tokens import op_name, shape
-from .columns import _pieces
-from .gather_scatter import FULL, ROWS, wanted
+from ..analysis.graphs import op_name, shape
+from .gather_scatter import Want, wanted
 
 _AXIS_MOVES = {"permute", "transpose"}
 
@@ -39,11 +37,34 @@ def split_projections(graph: fx.Graph, branches: list[Branch], cached_kv: dict[i
     for branch in branches:
         needs = wanted(branch, cached_kv.get(branch.index, set()))
         for node in branch.nodes:
-            if op_name(node) == "linear" and FULL in needs[node]:
+            if op_name(node) == "linear" and Want.ALL in needs[node]:
                 match = _match(node)
                 if match is not None and _split(graph, node, match, needs):
                     count += 1
     return count
+
+
+def narrow_linear(graph: fx.Graph, linear: fx.Node, lo: int, hi: int) -> list[fx.Node]:
+    """Insert a linear over rows [lo, hi) of `linear`'s weight and bias (views, no copies), with the full
+    linear's meta but its shape; return the new nodes, the linear last."""
+    x, weight, bias = (list(linear.args) + [linear.kwargs.get("bias")])[:3]
+    w = graph.call_function(torch.narrow, (weight, 0, lo, hi - lo))
+    b = graph.call_function(torch.narrow, (bias, 0, lo, hi - lo)) if bias is not None else None
+    part = graph.call_function(linear.target, (x, w, b))
+    part.meta.update({k: v for k, v in linear.meta.items() if k != "example_value"})
+    return [n for n in (w, b, part) if n is not None]
+
+
+def split_pieces(kind: str, how: object, size: int) -> list[tuple[int, int]] | None:
+    """Column ranges of `chunk(how)` or `split(how)` of an axis of `size`."""
+    if kind == "chunk" and isinstance(how, int):
+        how = math.ceil(size / how)
+    if isinstance(how, int):
+        return [(s, min(s + how, size)) for s in range(0, size, how)]
+    if isinstance(how, (list, tuple)) and all(isinstance(s, int) for s in how) and sum(how) == size:
+        ends = [sum(how[: i + 1]) for i in range(len(how))]
+        return [(e - s, e) for s, e in zip(how, ends)]
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -72,7 +93,7 @@ def _match_split(linear: fx.Node, cut: fx.Node) -> _Match | None:
     out = shape(linear)
     if cut.args[0] is not linear or _dim_arg(cut, 2, len(out)) != len(out) - 1:
         return None
-    pieces = _pieces(op_name(cut), cut.args[1] if len(cut.args) > 1 else None, out[-1])
+    pieces = split_pieces(op_name(cut), cut.args[1] if len(cut.args) > 1 else None, out[-1])
     items = _items(cut, len(pieces) if pieces else 0)
     return _Match([], cut, pieces, items) if pieces and items is not None else None
 
@@ -100,20 +121,18 @@ def _match_unbind(linear: fx.Node, reshape: fx.Node) -> _Match | None:
     return _Match(chain, cut, [(i * width, (i + 1) * width) for i in range(parts)], items) if items is not None else None
 
 
-def _split(graph: fx.Graph, linear: fx.Node, match: _Match, needs: dict[fx.Node, set[str]]) -> bool:
+def _split(graph: fx.Graph, linear: fx.Node, match: _Match, needs: dict[fx.Node, set[Want]]) -> bool:
     """Replace the linear by one per run of pieces wanted alike; False (graph untouched) if one run."""
     want = [_kind(needs, match.items.get(i, [])) for i in range(len(match.pieces))]
-    if set(want) != {ROWS, FULL}:
+    if set(want) != {Want.ROWS, Want.ALL}:
         return False
-    runs = _runs_by(want)
-    x, weight, bias = (list(linear.args) + [linear.kwargs.get("bias")])[:3]
-    for run in runs:
+    for run in _runs_by(want):
         lo, hi = match.pieces[run[0]][0], match.pieces[run[-1]][1]
         with graph.inserting_before(match.cut):
-            w = _call(graph, "call_function", torch.narrow, (weight, 0, lo, hi - lo))
-            b = _call(graph, "call_function", torch.narrow, (bias, 0, lo, hi - lo)) if bias is not None else None
-            part = _call(graph, "call_function", linear.target, (x, w, b))
-            outputs = _cut_run(graph, part, match, run, lo)
+            made = narrow_linear(graph, linear, lo, hi)
+            for node in made:
+                fake_value(node)
+            outputs = _cut_run(graph, made[-1], match, run, lo)
         for i, out in zip(run, outputs):
             for item in match.items.get(i, []):
                 item.replace_all_uses_with(out)
@@ -141,11 +160,7 @@ def _cut_run(graph: fx.Graph, part: fx.Node, match: _Match, run: list[int], lo: 
 def _call(graph: fx.Graph, op: str, target: Any, args: tuple, kwargs: dict | None = None) -> fx.Node:
     """A new node with its example value (the analysis reads shapes), computed on the inputs' fakes."""
     node = graph.create_node(op, target, args, kwargs or {})
-    values = fx.node.map_arg((args, kwargs or {}), lambda n: n.meta["example_value"])
-    fn = getattr(values[0][0], target) if op == "call_method" else target
-    call_args = values[0][1:] if op == "call_method" else values[0]
-    with detect_fake_mode(values[0]) or contextlib.nullcontext():
-        node.meta["example_value"] = fn(*call_args, **values[1])
+    fake_value(node)
     return node
 
 
@@ -159,13 +174,13 @@ def _items(cut: fx.Node, parts: int) -> dict[int, list[fx.Node]] | None:
     return items
 
 
-def _kind(needs: dict[fx.Node, set[str]], items: list[fx.Node]) -> str | None:
-    """ROWS if a piece is wanted as rows only, FULL if over all tokens too, None if not read."""
+def _kind(needs: dict[fx.Node, set[Want]], items: list[fx.Node]) -> Want | None:
+    """Want.ROWS if a piece is wanted as rows only, Want.ALL if over all tokens too, None if not read."""
     want = set().union(*(needs[item] for item in items))
-    return FULL if FULL in want else ROWS if want else None
+    return Want.ALL if Want.ALL in want else Want.ROWS if want else None
 
 
-def _runs_by(want: list[str | None]) -> list[list[int]]:
+def _runs_by(want: list[Want | None]) -> list[list[int]]:
     """Consecutive pieces wanted alike: [rows, full, full] -> [[0], [1, 2]]."""
     return [[i for i, _ in run] for _, run in itertools.groupby(enumerate(want), key=operator.itemgetter(1))]
 

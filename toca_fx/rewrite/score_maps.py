@@ -15,7 +15,8 @@ import math
 import torch.fx as fx
 
 from ..analysis.residual import Analysis, Branch
-from ..analysis.tokens import Axes, op_name, shape
+from ..analysis.axes import Axes
+from ..analysis.graphs import op_name, positions, shape
 from ..ops.scores import attention_influence, cross_entropy, entropy_from_map, influence_from_map
 
 _SDPA = "scaled_dot_product_attention"
@@ -77,7 +78,7 @@ def fill_maps(graph: fx.Graph, branch: Branch, attn: fx.Node | None, ent: fx.Nod
         fn, before, after = source
         if fn is attention_influence:
             after = (after[0], queries, after[1])
-        anchor = max(before, key=_position(graph).__getitem__)
+        anchor = max(before, key=positions(graph).__getitem__)
         with graph.inserting_after(anchor):
             graph.call_function(fn, (*before, slot, *after))
 
@@ -104,7 +105,3 @@ def _softmaxes(branch: Branch) -> list[fx.Node]:
 
 def _operand(node: fx.Node, pos: int, key: str):
     return node.args[pos] if len(node.args) > pos else node.kwargs.get(key)
-
-
-def _position(graph: fx.Graph) -> dict[fx.Node, int]:
-    return {n: i for i, n in enumerate(graph.nodes)}

@@ -32,13 +32,13 @@ Only the model and Gaussian noise (and random class labels) are needed.
 """
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Callable
 
 import torch
+from tqdm import tqdm
 
 from ..config import check_field
 from ..policies.learned import Router
@@ -145,6 +145,7 @@ def train(model: Callable[..., torch.Tensor], shape: tuple[int, ...], *, config:
     result = TrainResult(router=router)
     validation = _validation_set(model, sampler, config, shape, num_classes, device)
     lam = torch.ones(config.num_steps)
+    bar = tqdm(total=config.iterations, desc="router", disable=not progress)
     for it in range(config.iterations + 1):
         computes = router.computes()  # training's hard gates are inference's, budget included
         if it % config.validate_every == 0 or it == config.iterations:
@@ -165,8 +166,9 @@ def train(model: Callable[..., torch.Tensor], shape: tuple[int, ...], *, config:
         router = _router(logits, config, names, budget)
         result.objectives.append(objective)
         result.reused.append(1.0 - computes[1:].float().mean().item())
-        if progress:
-            _progress(it + 1, config.iterations, objective, result.reused[-1])
+        bar.set_postfix(objective=f"{objective:.4g}", reused=f"{result.reused[-1]:.0%}")
+        bar.update()
+    bar.close()
     if path is not None:
         result.router.save(path)
     return result
@@ -274,12 +276,3 @@ def _budget_router(gates: torch.Tensor, n: int, names: list[str]) -> Router:
     top = flat[order[n - 1]] if n else torch.nextafter(flat.max(), torch.tensor(1.0))
     flat[order[n:]] = flat[order[n:]].clamp(max=torch.nextafter(top, torch.tensor(0.0)))
     return Router(gates, top.item(), names)
-
-
-def _progress(done: int, total: int, objective: float, reused: float, width: int = 30) -> None:
-    filled = width * done // total
-    sys.stderr.write(f"\rrouter [{'#' * filled}{'.' * (width - filled)}] {done}/{total} "
-                     f"objective {objective:.4g} reused {reused:.0%}")
-    if done == total:
-        sys.stderr.write("\n")
-    sys.stderr.flush()

@@ -1,14 +1,14 @@
 """The DDIM trajectory of router training, step by step, as `toca_fx.eval.sampling.ddim_sample` runs it
-(eta = 0, batched classifier-free guidance, x0 clipped), but differentiable and with a hook per step."""
+(eta = 0, batched classifier-free guidance, x0 clipped, the same `ddim_update`), but differentiable and
+with the model called per step by the trainer."""
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
-from ..eval.sampling import alphas_cumprod, ddim_timesteps
+from ..eval.sampling import alphas_cumprod, ddim_timesteps, ddim_update
 
 Model = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -41,11 +41,7 @@ class Sampler:
             cond, uncond = model(torch.cat([x, x]), torch.cat([t_batch, t_batch]), torch.cat([labels, null])).chunk(2)
             eps = uncond + self.cfg_scale * (cond - uncond)
         eps = eps[:, : x.shape[1]]  # a learned-sigma DiT returns (eps, sigma) along channels
-        x0 = (x - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)
-        if self.clip_x0:
-            x0 = x0.clamp(-1, 1)
-            eps = (x - math.sqrt(a_t) * x0) / math.sqrt(1 - a_t)
-        return math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev) * eps
+        return ddim_update(x, eps, a_t, a_prev, self.clip_x0)
 
     def gates_for_batch(self, gates: torch.Tensor | None) -> torch.Tensor | None:
         """Per-sample gates [branches, B] repeated for the two halves of batched guidance."""

@@ -2,64 +2,43 @@
 
 The graph runs on FakeTensors under PyTorch's FlopCounterMode, so nothing is computed and no device
 time is spent; cache buffers are faked too, so counting never touches the real caches. Each node's
-FLOPs go to the branch that owns it (`BRANCH` in its meta: set by the rewrite), the rest to None.
+FLOPs go to the branch that owns it (`marks.branch_of`), the rest to None.
 """
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-
-class TensorShape(NamedTuple):
-    """What counting needs of a tensor input, without keeping the tensor alive."""
-
-    shape: tuple[int, ...]
-    stride: tuple[int, ...]
-    dtype: torch.dtype
-    device: torch.device
-
-
-def shapes_of(inputs: list[Any]) -> list[Any]:
-    return [TensorShape(tuple(x.shape), x.stride(), x.dtype, x.device) if isinstance(x, torch.Tensor) else x for x in inputs]
-
-
-def spec_shape(spec: Any) -> TensorShape:
-    """A contiguous `TensorShape` for a `BufferSpec`."""
-    return TensorShape(tuple(spec.shape), torch.empty(spec.shape, device="meta").stride(), spec.dtype, spec.device)
-
-
-BRANCH = "toca_branch"  # node meta key: index of the branch a node belongs to
+from ..analysis.fake import FakeRun, fakes
+from ..analysis.marks import branch_of
 
 
 def graph_flops(gm: fx.GraphModule, inputs: list[Any]) -> Counter:
-    """FLOPs of one call of `gm` on inputs of the given shapes (`shapes_of`), by owning branch index
-    (None: outside every branch)."""
-    with FakeTensorMode():
-        fake = [
-            torch.empty_strided(x.shape, x.stride, dtype=x.dtype, device=x.device) if isinstance(x, TensorShape) else x
-            for x in inputs
-        ]
-        with FlopCounterMode(display=False, custom_mapping=_EXTRA) as counter:
-            counting = _ByBranch(gm, counter)
-            counting.run(*fake)
+    """FLOPs of one call of `gm` on inputs of the given metadata (`TensorMeta`s), by owning branch
+    index (None: outside every branch)."""
+    fake_mode = FakeTensorMode()
+    args = fakes(inputs, fake_mode)
+    with torch.no_grad(), fake_mode, FlopCounterMode(display=False, custom_mapping=_EXTRA) as counter:
+        counting = _ByBranch(gm, fake_mode, counter)
+        counting.run(*args)
     return counting.flops
 
 
-class _ByBranch(fx.Interpreter):
-    def __init__(self, gm: fx.GraphModule, counter: FlopCounterMode):
-        super().__init__(gm)
+class _ByBranch(FakeRun):
+    def __init__(self, gm: fx.GraphModule, fake_mode: FakeTensorMode, counter: FlopCounterMode):
+        super().__init__(gm, fake_mode)
         self.counter = counter
         self.flops: Counter = Counter()
 
     def run_node(self, n: fx.Node) -> Any:
         before = self.counter.get_total_flops()
         out = super().run_node(n)
-        self.flops[n.meta.get(BRANCH)] += self.counter.get_total_flops() - before
+        self.flops[branch_of(n)] += self.counter.get_total_flops() - before
         return out
 
 

@@ -16,6 +16,8 @@ import torch
 import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+from ..analysis.fake import FakeRun
+
 Key = tuple
 
 
@@ -46,43 +48,26 @@ def specialize(gm: fx.GraphModule, args: list[Any]) -> fx.GraphModule:
     graph = fx.Graph()
     graph._codegen = copy.deepcopy(gm.graph._codegen)
     graph.output(graph.graph_copy(gm.graph, {}))
+    static = fx.GraphModule(gm, graph)
     mode = FakeTensorMode()
-    values: dict[fx.Node, Any] = {}
-    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    for node, arg in zip(placeholders, args):
-        values[node] = mode.from_tensor(arg, static_shapes=True) if isinstance(arg, torch.Tensor) else arg
-    with mode:
-        for node in list(graph.nodes):
-            if node.op not in ("placeholder", "output"):
-                values[node] = _run(gm, node, values, mode)
-            _record(graph, node, values[node] if node in values else None)
+    inputs = [mode.from_tensor(a, static_shapes=True) if isinstance(a, torch.Tensor) else a for a in args]
+    FakeRun(static, mode, record=True).run_fakes(inputs)
+    for node in list(graph.nodes):
+        _fold(graph, node)
     return fx.GraphModule(gm, graph)
 
 
 # ---------------------------------------------------------------------------------------------
 
-def _run(gm: fx.GraphModule, node: fx.Node, values: dict[fx.Node, Any], mode: FakeTensorMode) -> Any:
-    args = fx.node.map_arg(node.args, values.__getitem__)
-    kwargs = fx.node.map_arg(node.kwargs, values.__getitem__)
-    if node.op == "call_function":
-        return node.target(*args, **kwargs)
-    if node.op == "call_method":
-        return getattr(args[0], node.target)(*args[1:], **kwargs)
-    if node.op == "call_module":
-        return gm.get_submodule(node.target)(*args, **kwargs)
-    value = gm
-    for part in node.target.split("."):  # get_attr
-        value = getattr(value, part)
-    return mode.from_tensor(value, static_shapes=True) if isinstance(value, torch.Tensor) else value
-
-
-def _record(graph: fx.Graph, node: fx.Node, value: Any) -> None:
-    """Store a node's static value: tensors as metadata, sizes folded into the nodes that read them."""
-    if isinstance(value, (int, float, bool)) and node.op != "output":
-        for user in list(node.users):
-            user.args = fx.node.map_arg(user.args, lambda n: value if n is node else n)
-            user.kwargs = fx.node.map_arg(user.kwargs, lambda n: value if n is node else n)
-        if node.op != "placeholder":
-            graph.erase_node(node)  # not dead-code elimination: it would drop in-place setitem
-    elif node.op != "output":
-        node.meta["example_value"] = value
+def _fold(graph: fx.Graph, node: fx.Node) -> None:
+    """A node whose static value is a number (a size): the number replaces it in the nodes that read it."""
+    value = node.meta.get("example_value")
+    if not isinstance(value, (int, float, bool)) or node.op == "output":
+        return
+    for user in list(node.users):
+        user.args = fx.node.map_arg(user.args, lambda n: value if n is node else n)
+        user.kwargs = fx.node.map_arg(user.kwargs, lambda n: value if n is node else n)
+    if node.op == "placeholder":
+        node.meta.pop("example_value")
+    else:
+        graph.erase_node(node)  # not dead-code elimination: it would drop in-place setitem

@@ -9,25 +9,10 @@ one step counter per call stream; calls take turns, so the streams' caches never
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
 
 import torch
 
-
-@dataclass(frozen=True)
-class BufferSpec:
-    name: str
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-    device: torch.device
-    fill: int = 0  # every element's value when allocated
-
-    @property
-    def nbytes(self) -> int:
-        numel = 1
-        for s in self.shape:
-            numel *= s
-        return numel * torch.empty((), dtype=self.dtype).element_size()
+from ..rewrite.layout import BufferSpec
 
 
 class CacheState:
@@ -36,7 +21,7 @@ class CacheState:
     def __init__(self, specs: list[BufferSpec], num_steps: int, streams: int = 1):
         self.specs = specs
         self.num_steps = num_steps
-        self.stream_buffers: list[list[torch.Tensor]] = [[_stand_in(s) for s in specs] for _ in range(streams)]
+        self.stream_buffers: list[list[torch.Tensor]] = [[s.stand_in() for s in specs] for _ in range(streams)]
         self._allocated: list[set[int]] = [set() for _ in range(streams)]
         self._complete: list[set[frozenset[int] | None]] = [set() for _ in range(streams)]  # `used` all allocated
         self.steps = [0] * streams
@@ -61,7 +46,7 @@ class CacheState:
         buffers, allocated = self.stream_buffers[self.turn], self._allocated[self.turn]
         for i in (set(range(len(self.specs))) if used is None else used) - allocated:
             s = self.specs[i]
-            buffers[i] = torch.full(s.shape, s.fill, dtype=s.dtype, device=s.device)
+            buffers[i] = s.allocate()
             allocated.add(i)
         self._complete[self.turn].add(used)
 
@@ -89,7 +74,3 @@ class CacheState:
     def nbytes(self) -> int:
         """Bytes of the buffers allocated so far, over all call streams."""
         return sum(self.specs[i].nbytes for allocated in self._allocated for i in allocated)
-
-
-def _stand_in(spec: BufferSpec) -> torch.Tensor:
-    return torch.empty(0, dtype=spec.dtype, device=spec.device)

@@ -1,0 +1,143 @@
+"""Compiling a graph's variants: each at its first call, the rest of its generation ahead in workers.
+
+A variant's graph is built from its plan (`rewrite.variants`), compiled with its options
+(`compile.options`), and with `mode="reduce-overhead"` on CUDA replayed as a CUDA graph here
+(`compile.cudagraphs`): Inductor's own capture skips graphs that update inputs in place, as every
+variant does. Its inputs are the call's and the buffers it uses, with stand-ins for the others, so its
+compilation, and its cache keys, are the same in any order of first calls and in a worker's.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict
+from functools import partial
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+
+from ..analysis.fake import metas_of
+from ..compile import workers
+from ..compile.cudagraphs import CudaGraphed
+from ..compile.options import compile_variant, inductor_patches, variant_options
+from ..compile.regions import Regional
+from ..config import ToCaConfig
+from ..rewrite.variants import build_variant
+from .planner import Planner, Step, Variant
+from .state import CacheState
+
+log = logging.getLogger("toca_fx")  # INFO: each variant's compilation, as it ends (they can take minutes)
+
+# By regions a variant compiles here in about the time a worker takes to start, so the first two of a
+# generation compile here and the rest ahead; compiled whole, only the first.
+_HERE_REGIONAL, _HERE_WHOLE = 2, 1
+
+
+class VariantCompiler:
+    def __init__(self, gm: fx.GraphModule, config: ToCaConfig, options: dict, state: CacheState, planner: Planner):
+        self.gm, self.config, self.options, self.state, self.planner = gm, config, options, state, planner
+        self.compiled: list[Variant] = []  # in the order compiled
+        self._pool = None
+        self._ahead = workers.Prefetch()  # workers compiling variants before their first calls
+        self._prefetched: set[int] = set()  # num_steps of the generations whose variants went to it
+
+    def graph(self, variant: Variant) -> fx.GraphModule:
+        """The variant's rewritten graph, built on first use."""
+        if variant.graph is None:
+            variant.graph, variant.used = build_variant(self.gm, dict(variant.key), self.config)
+        return variant.graph
+
+    def used(self, variant: Variant) -> frozenset[int]:
+        self.graph(variant)
+        return variant.used
+
+    def inputs(self, variant: Variant, args: tuple) -> list[Any]:
+        """`args`, the buffers `variant` uses and stand-ins for the others (see the module's doc)."""
+        used, buffers = self.used(variant), self.state.buffers(self.used(variant))
+        return [*args, *(b if i in used else s.stand_in() for i, (b, s) in enumerate(zip(buffers, self.state.specs)))]
+
+    def compile(self, variant: Variant, args: tuple, generation: list[Step]) -> None:
+        """Compile `variant` (due now, at a step of `generation`), first sending the generation's
+        others to workers where that is on."""
+        self._prefetch(variant, args, generation)
+        inputs = self.inputs(variant, args)
+        graphed = self._graphed(args)
+        start = time.perf_counter()
+        with self._ahead.compiling(variant.id):  # after its worker, if one compiles it into the caches
+            options = variant_options(self.options, variant.modes, graphed)
+            fn = compile_variant(self.graph(variant), inputs, self.config.inner, options, regional=self.config.regional)
+        variant.regions = (fn.blocks, fn.forms) if isinstance(fn, Regional) else None
+        variant.fn = self._cuda_graphed(fn, inputs) if graphed else fn
+        variant.seconds, variant.worker = time.perf_counter() - start, self._ahead.times.get(variant.id)
+        self.compiled.append(variant)
+        if self.config.inner == "inductor":
+            log.info(self._message(variant, generation))
+
+    def compile_times(self) -> list[dict[str, Any]]:
+        """Per variant compiled, in that order: the label and step of its first call, the seconds that
+        call waited for it, and where a worker compiled it ahead, the worker's seconds."""
+        rows = []
+        for variant in self.compiled:
+            label, step = self.planner.first_call(variant)
+            row = {"variant": variant.id, "label": str(label), "step": step, "seconds": variant.seconds}
+            if variant.regions is not None:
+                row["blocks"], row["forms"] = variant.regions
+            if variant.worker is not None:
+                row["worker"] = asdict(variant.worker)
+            rows.append(row)
+        return rows
+
+    def _message(self, variant: Variant, generation: list[Step]) -> str:
+        """Progress: this generation's variants compiled so far, and where this one's time went."""
+        label, step = self.planner.first_call(variant)
+        ours = {s.variant.id for s in generation}
+        done = f"toca_fx: variant {sum(v.id in ours for v in self.compiled)} of {len(ours)} ({label}, first " \
+               f"called at step {step}) ready in {variant.seconds:.1f} s"
+        w = variant.worker
+        by = "" if variant.regions is None else f" by regions: {variant.regions[0]} blocks of {variant.regions[1]} distinct form(s)"
+        if w is None:
+            return f"{done}, compiled here{by}"
+        return (f"{done}, compiled ahead in a worker{by}: queued {w.queued:.1f} s, starting {w.starting:.1f} s, "
+                f"compiling {w.compiling:.1f} s")
+
+    def _prefetch(self, first: Variant, args: tuple, generation: list[Step]) -> None:
+        """At a generation's first compilation, its other variants go to workers that compile them into
+        Inductor's caches meanwhile, where `workers.enabled`."""
+        num_steps = len(generation)
+        if self.config.inner != "inductor" or num_steps in self._prefetched:
+            return
+        self._prefetched.add(num_steps)
+        graphed = self._graphed(args)
+        patches = inductor_patches(variant_options(self.options, first.modes, graphed))
+        ahead = workers.enabled(self.config.parallel_compile, patches)
+        order = list(dict.fromkeys(s.variant for s in generation if s.variant.fn is None))
+        here = order[: _HERE_REGIONAL if self.config.regional else _HERE_WHOLE] if first in order else []
+        ahead = ahead and len(order) > len(here)
+        log.info(
+            f"toca_fx: a {num_steps}-step generation runs {len(order)} variant(s), each compiled at its first call"
+            + (f"; {len(order) - len(here)} of them ahead in worker processes (at most {self._ahead.max_workers} at a time)"
+               if ahead else "")
+        )
+        if ahead:
+            metas = metas_of(list(args))  # the job is made when a worker is free: no tensors kept
+            self._ahead.add({v.id: partial(self._job, v, metas, graphed) for v in order if v not in here})
+
+    def _job(self, variant: Variant, metas: list[Any], graphed: bool) -> bytes:
+        """A worker's job: compile `variant` as `compile` will, from the metadata of its inputs."""
+        used = self.used(variant)
+        buffers = [s.meta(used=i in used) for i, s in enumerate(self.state.specs)]
+        patches = inductor_patches(variant_options(self.options, variant.modes, graphed))
+        return workers.job(self.graph(variant), [*metas, *buffers], patches, self.config.regional)
+
+    def _graphed(self, args: tuple) -> bool:
+        """Whether variants are captured as CUDA graphs here (`CudaGraphed`) rather than by Inductor."""
+        # Captures assume fixed buffers; separate call streams pass different ones.
+        return self.options.get("mode") == "reduce-overhead" and args[0].is_cuda and len(self.state.steps) == 1
+
+    def _cuda_graphed(self, fn: Callable, inputs: list[Any]) -> CudaGraphed:
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        n_args = len(inputs) - len(self.state.specs)
+        static = [i >= n_args or hasattr(x, "_dynamo_static_input_type") for i, x in enumerate(inputs)]
+        return CudaGraphed(fn, static, self._pool)
