@@ -13,9 +13,8 @@ own are used), then run it (pip, or where pip fails or is missing, `python -m zi
       || for w in .whl/*.whl; do python -m zipfile -e "$w" /tmp/site || exit 1; done; } \
       && PYTHONPATH=/tmp/site:$PWD python benchmarks/run.py --models flux --cudagraphs on --repeats 2
 
-On an H100 that took 7 minutes (session 23: plain Inductor's cold compile 108 s, the preset's 91 s; a
-generation 1.7-3.7 s compiled; docs/benchmarks.md). Under a shorter time limit per command, split the
-settings with --skip (e.g. --skip "eager|ratio 1.0|N=4", then --skip "eager|preset").
+FLUX's cold compiles take minutes (docs/benchmarks.md has each run's times). Under a shorter time limit
+per command, split the settings with --skip (e.g. --skip "eager|ratio 1.0|N=4", then --skip "eager|preset").
 
 To fill `.whl/` (on a machine with PyPI): pip download --only-binary=:all: --python-version 3.12
 --implementation cp --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform
@@ -166,7 +165,7 @@ def _settings(steps: int, preset: tuple[str, ToCaConfig]) -> list[tuple[str, ToC
 
 
 # ToCa's DDIM-50 DiT schedule (its code: step factor 3.0 - 4.0 s/S, layer factor 0.8 + 0.4 l/(L-1)); the
-# attention score's map from 64 of the 256 queries (all of them cost 2.5 ms of an 11.5 ms full step).
+# attention score's map from 64 of the 256 queries (all of them cost a large share of a full step).
 DIT_PRESET = ("ToCa preset dit (DDIM-50 schedule, 64 sampled queries)",
               ToCaConfig.preset("dit", num_steps=50, step_factors=(-1.0, 3.0), depth_factors=(0.8, 1.2),
                                 attention_queries=64))
@@ -345,8 +344,7 @@ def run_case(
 def float32_generation(model: torch.nn.Module, x0: torch.Tensor, args_of: Callable, case: Case) -> torch.Tensor:
     """The generation of a float32 copy of the model (eager), from the same noise and inputs: the
     reference that shows how far each run's rounding takes it. Two runs in bf16 that round at different
-    places end apart even where both are as close to this one (PixArt-alpha 1024 on an H100: plain
-    Inductor's and toca_fx's by regions both 1.1% from it, and 1.2% from each other)."""
+    places end apart even where both are as close to this one."""
     with torch.no_grad():
         return generate(copy.deepcopy(model).float(), x0.float(), cast_inputs(args_of, torch.float32), case.steps, cfg=case.cfg)
 
@@ -358,8 +356,7 @@ def _rel_l2(sample: torch.Tensor, reference: torch.Tensor) -> float:
 def warm_up(model: torch.nn.Module, x0: torch.Tensor, args_of: Callable, cfg: bool) -> None:
     """What the first setting would otherwise pay alone in its compile time: the libraries' first use
     (CUDA context, cuBLAS, cuDNN: one eager model call) and Inductor's (its pool of compile processes
-    and Triton: a small function compiled and run). Plain Inductor's cold compile of PixArt-1024, the
-    first setting, measured 33.6-51.5 s in four runs without it on an H100, 25.8-36.2 s in three with it."""
+    and Triton: a small function compiled and run)."""
     batch = torch.cat([x0, x0]) if cfg else x0
     with torch.no_grad():
         call(model, args_of(batch, torch.full((batch.shape[0],), 500.0, device=x0.device)))

@@ -222,6 +222,6 @@ def test_enabled_by_setting_cores_caches_and_autotuning(monkeypatch):
     monkeypatch.setattr(workers, "_cpus", lambda: 2)
     assert not workers.enabled(None, {}) and workers.enabled(True, {})
     # config.patch, not monkeypatch: pytest 9.2's undo deletes a module attribute that lives outside
-    # the module's __dict__, which hides Inductor's config entry for the rest of the session.
+    # the module's __dict__, which hides Inductor's config entry for the rest of the test run.
     with torch._inductor.config.patch(fx_graph_cache=False):
         assert not workers.enabled(True, {})

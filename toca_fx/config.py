@@ -34,19 +34,17 @@ class ToCaConfig:
     parallel_compile: at a generation's first call, compile its other variants (one Inductor compilation
         of the whole model per distinct plan) in worker processes, into Inductor's on-disk caches, while
         this process compiles the first; each later first call then loads its variant from the caches.
-        True or False; None (the default) is True with 8 or more usable CPU cores (on 2 it was slower).
+        True or False; None (the default) is True with 8 or more usable CPU cores (with fewer, workers
+        compete with this process for them).
         Never with inner="eager", without Inductor's FX graph cache, or under max-autotune (workers
         timing kernels at once would mislead each other's choices). Workers share the cores and take
         memory (with CUDA, a context each on the GPU); one that fails warns once, and this process
         compiles the variants itself from then on.
     regional: compile a variant block by block (`toca_fx.compile.regions`): each distinct form of block once,
         reused by every block of that form, where blocks share forms; False compiles each
-        variant as one whole graph. On an H100 (bf16, docs/benchmarks.md), compiling DiT-XL/2,
-        PixArt-alpha and FLUX.1-dev by regions took 0.26-0.66x plain Inductor's time at ratio 1.0
-        and at interval 4, ratio 0.3, and 0.84-1.57x at the ToCa presets. Whole, it took 0.72-2.34x
-        and 1.60-1.97x (sessions 20-22, docs/benchmarks-history.md), and the result ran within 3% of
-        the regions' speed, as close to the model run in float32. With `parallel_compile`, the first
-        two variants compile here and the rest in workers.
+        variant as one whole graph. By regions a generation compiles in a fraction of the time a
+        whole graph per variant takes and runs about as fast (docs/benchmarks.md). With
+        `parallel_compile`, the first two variants compile here and the rest in workers.
     calls_per_step: calls of the model per denoising step, each with its own cache: 2 for a pipeline
         that calls the model for the conditional, then the unconditional half of classifier-free
         guidance (batched guidance, one call with both halves, is 1).
@@ -62,15 +60,14 @@ class ToCaConfig:
     step_factors: (first, last) ratio factor, linear over the steps of a generation. Ratios are clamped
         to [0, 1], so a negative factor recomputes nothing (ToCa's 50-step DDIM schedule starts at -1).
     depth_levels: the depth factor is snapped to the nearest of this many evenly spaced levels between
-        its ends, so that blocks share row counts and Inductor compiles fewer distinct kernels (PixArt-
-        1024's preset on an H100 compiled in 77.5 s with 4 levels, then 111.0 s with a row count per
-        block, for the same FLOPs and speed); 0 keeps the exact factor.
+        its ends, so that blocks share row counts and Inductor compiles fewer distinct kernels (a row
+        count per block compiles a kernel set per block, for the same FLOPs); 0 keeps the exact factor.
     step_levels: the step factor is snapped to the nearest of this many evenly spaced levels between
         its ends, so a step schedule compiles at most this many partial graphs (each distinct plan is
         one compilation); 0 keeps it exact (one graph per partial step).
     full_last: the last `full_last` steps of a generation are full steps.
-    policy: None for ToCa's schedule (the fields above), or any object with `label(step, num_steps)` and
-        `plans(step, num_steps, branches)` (e.g. `FORAPolicy`, `Router.load(path)`), which then decides
+    policy: None for ToCa's schedule (the fields above), or a `Policy` (`label(step, num_steps)` and
+        `plans(step, num_steps, branches)`, e.g. `FORAPolicy`, `Router.load(path)`), which then decides
         every step's plan; `num_steps`, `inner` and `calls_per_step` still apply.
     """
 
@@ -104,56 +101,61 @@ class ToCaConfig:
         return replace(cls(**PRESETS[name]), **overrides)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "scores", _pairs(self.scores, "scores", SCORES))
-        object.__setattr__(self, "kind_factors", _pairs(self.kind_factors, "kind_factors", BRANCH_KINDS))
-        _check(_is_int(self.interval) and self.interval >= 1, "interval", "an int >= 1", self.interval)
-        _check(
-            _is_number(self.interval_stretch) and 0.0 <= self.interval_stretch < 1.0,
-            "interval_stretch", "a number in [0, 1)", self.interval_stretch,
-        )
-        _check(
-            self.dense_steps is None or (
-                isinstance(self.dense_steps, tuple) and len(self.dense_steps) == 2
-                and all(_is_number(v) for v in self.dense_steps) and 0.0 <= self.dense_steps[0] < self.dense_steps[1] <= 1.0
-            ),
-            "dense_steps", "None or a (start, end) pair with 0 <= start < end <= 1", self.dense_steps,
-        )
-        _check(
-            _is_number(self.ratio) and 0.0 < self.ratio <= 1.0, "ratio", "a number in (0, 1]", self.ratio
-        )
-        _check(_is_int(self.num_steps) and self.num_steps >= 1, "num_steps", "an int >= 1", self.num_steps)
-        _check(self.self_attn in SELF_ATTN_MODES, "self_attn", f"one of {SELF_ATTN_MODES}", self.self_attn)
-        _check(self.inner in INNER_COMPILERS, "inner", f"one of {INNER_COMPILERS}", self.inner)
-        _check(
-            self.parallel_compile is None or isinstance(self.parallel_compile, bool),
-            "parallel_compile", "None, True or False", self.parallel_compile,
-        )
-        _check(isinstance(self.regional, bool), "regional", "True or False", self.regional)
-        _check(
-            _is_int(self.calls_per_step) and self.calls_per_step >= 1,
-            "calls_per_step", "an int >= 1", self.calls_per_step,
-        )
-        _check(
-            _is_int(self.attention_queries) and self.attention_queries >= 0,
-            "attention_queries", "an int >= 0", self.attention_queries,
-        )
-        _check(
-            self.grid is None or (isinstance(self.grid, tuple) and len(self.grid) in (2, 3)
-                                  and all(_is_int(g) and g >= 1 for g in self.grid)),
-            "grid", "None or a tuple of 2 or 3 ints >= 1", self.grid,
-        )
-        for name in ("depth_factors", "step_factors"):
-            value = getattr(self, name)
-            ok = isinstance(value, tuple) and len(value) == 2 and all(_is_number(v) for v in value)
-            _check(ok, name, "a (first, last) pair of numbers", value)
-        _check(_is_int(self.full_last) and self.full_last >= 0, "full_last", "an int >= 0", self.full_last)
-        for name in ("depth_levels", "step_levels"):
-            value = getattr(self, name)
-            _check(_is_int(value) and value >= 0, name, "an int >= 0", value)
-        _check(
-            self.policy is None or isinstance(self.policy, Policy),
-            "policy", "None or an object with label() and plans()", self.policy,
-        )
+        _validate(self)
+
+
+def _validate(c: ToCaConfig) -> None:
+    """Every field checked; weights made sorted pairs (hashable, order-free)."""
+    object.__setattr__(c, "scores", _pairs(c.scores, "scores", SCORES))
+    object.__setattr__(c, "kind_factors", _pairs(c.kind_factors, "kind_factors", BRANCH_KINDS))
+    _check(_is_int(c.interval) and c.interval >= 1, "interval", "an int >= 1", c.interval)
+    _check(
+        _is_number(c.interval_stretch) and 0.0 <= c.interval_stretch < 1.0,
+        "interval_stretch", "a number in [0, 1)", c.interval_stretch,
+    )
+    _check(
+        c.dense_steps is None or (
+            isinstance(c.dense_steps, tuple) and len(c.dense_steps) == 2
+            and all(_is_number(v) for v in c.dense_steps) and 0.0 <= c.dense_steps[0] < c.dense_steps[1] <= 1.0
+        ),
+        "dense_steps", "None or a (start, end) pair with 0 <= start < end <= 1", c.dense_steps,
+    )
+    _check(
+        _is_number(c.ratio) and 0.0 < c.ratio <= 1.0, "ratio", "a number in (0, 1]", c.ratio
+    )
+    _check(_is_int(c.num_steps) and c.num_steps >= 1, "num_steps", "an int >= 1", c.num_steps)
+    _check(c.self_attn in SELF_ATTN_MODES, "self_attn", f"one of {SELF_ATTN_MODES}", c.self_attn)
+    _check(c.inner in INNER_COMPILERS, "inner", f"one of {INNER_COMPILERS}", c.inner)
+    _check(
+        c.parallel_compile is None or isinstance(c.parallel_compile, bool),
+        "parallel_compile", "None, True or False", c.parallel_compile,
+    )
+    _check(isinstance(c.regional, bool), "regional", "True or False", c.regional)
+    _check(
+        _is_int(c.calls_per_step) and c.calls_per_step >= 1,
+        "calls_per_step", "an int >= 1", c.calls_per_step,
+    )
+    _check(
+        _is_int(c.attention_queries) and c.attention_queries >= 0,
+        "attention_queries", "an int >= 0", c.attention_queries,
+    )
+    _check(
+        c.grid is None or (isinstance(c.grid, tuple) and len(c.grid) in (2, 3)
+                              and all(_is_int(g) and g >= 1 for g in c.grid)),
+        "grid", "None or a tuple of 2 or 3 ints >= 1", c.grid,
+    )
+    for name in ("depth_factors", "step_factors"):
+        value = getattr(c, name)
+        ok = isinstance(value, tuple) and len(value) == 2 and all(_is_number(v) for v in value)
+        _check(ok, name, "a (first, last) pair of numbers", value)
+    _check(_is_int(c.full_last) and c.full_last >= 0, "full_last", "an int >= 0", c.full_last)
+    for name in ("depth_levels", "step_levels"):
+        value = getattr(c, name)
+        _check(_is_int(value) and value >= 0, name, "an int >= 0", value)
+    _check(
+        c.policy is None or isinstance(c.policy, Policy),
+        "policy", "None or an object with label() and plans()", c.policy,
+    )
 
 
 def check_field(owner: str, ok: bool, field: str, allowed: str, value: object) -> None:

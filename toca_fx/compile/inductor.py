@@ -9,14 +9,13 @@ every node with its example value, fake inputs in a tracing context with a shape
 functions marked, keyed by a hash of toca_fx's source (an edit of toca_fx invalidates its entries).
 
 The fakes are made from the inputs' metadata alone (`TensorMeta`), so a process that holds only the
-metadata (a worker of `parallel_compile`) compiles under the same cache keys.
+metadata (a compile worker, `compile.workers`) compiles under the same cache keys.
 
 Rows of up to `PERSISTENT_ROWS` elements reduce in one pass (`wide_rows_choices`). A partial step still runs the
 residual update, layer norm and token norm of every token after each branch; over DiT hidden sizes
 (1152 to 3072) Inductor makes those reductions loops, which read their inputs twice
-(benchmarks/residual_pass.py, H100: a PixArt-1024 pass 46.6 us looped, 32.2 in one pass, 27.6 for a
-copy of its bytes). Full steps get the same kernels, so benchmarks/run.py --like-for-like also times
-plain Inductor with this choice.
+(benchmarks/residual_pass.py and docs/benchmarks.md measure both). Full steps get the same kernels,
+so benchmarks/run.py --like-for-like also times plain Inductor with this choice.
 """
 from __future__ import annotations
 

@@ -1,11 +1,11 @@
 """Regional compilation: a rewritten graph cut into a prologue, its blocks and an epilogue, each block
 compiled once per distinct form and that compilation reused by every block of the same form.
 
-Inductor lowers, fuses and generates code for each of a DiT's 28 identical blocks anew: PixArt-alpha
-1024's partial variant spent 47.6 s in its scheduler and code generation on the H100, against 16.9 s for
-plain Inductor's whole model. Compiled block by block, a variant costs one block per form plus its ends.
+Inductor lowers, fuses and generates code for each of a DiT's identical blocks anew, and a caching
+variant's scheduler and code generation take longer than plain Inductor's whole model
+(docs/benchmarks.md). Compiled block by block, a variant costs one block per form plus its ends.
 
-Matches: a graph whose residual adds are marked along the stream (`mark_stream`: position j for the j-th
+Matches: a graph whose residual adds are marked along the stream (`analysis.marks`: position j for the j-th
 add, 0 for the stream's first input x0). What is cut comes from data flow alone:
 - a node that reads the stream lies in the segment after the last residual add it reads, and P
   consecutive segments make a block (P: the period of the segments' forms; 1 when they have none);
@@ -23,9 +23,8 @@ add, 0 for the stream's first input x0). What is cut comes from data flow alone:
 Produces: `Regional`, a callable taking the graph's inputs, that runs the compiled regions in order and
 frees each value after its last reader. Where no two blocks share a form, or a value crossing a cut is
 not a tensor, `compile_regions` returns None and the graph compiles whole. A step that reuses every
-branch is cut too, after every add: one graph fuses its chain of cached-output adds into long kernels
-(backend.py's `_REUSE_PATCHES`); cut, DiT-XL/2's preset ran 2.2% faster on an H100 (199.4 against
-203.8 ms a generation, interleaved) and compiled that step in 7.1 s against 9.9.
+branch is cut too, after every add: one graph fuses its chain of cached-output adds into long
+serial kernels (see `compile.options`), and cut it runs faster and compiles sooner (docs/benchmarks.md).
 
 The cost: no fusion across a cut (the residual stream is written and read once more per block), and
 without CUDA graphs, one more compiled call per block.
@@ -228,15 +227,14 @@ def _hand_over(
 ) -> set[tuple[fx.Node, int]]:
     """Move a block's closing residual add and its addend (the gated branch output, where the add alone
     reads it) to the next region, with the stores of what those read: there the add fuses with the
-    layer norm that reads its sum, as in one graph (DiT-XL/2 at interval 4, ratio 0.3 on the H100:
-    313.1 ms a generation cut after the add, 297.1 as one graph). Return, as (node, its region) pairs,
+    layer norm that reads its sum, as in one graph (cut after the add, the sum makes one more round
+    trip through memory per block). Return, as (node, its region) pairs,
     what the next region computes again: the elementwise ops and views the moved nodes read in the
     block, back through the sums before the closing one to a sum a matmul reads (which one graph
     writes out for the matmul) or one that arrived from the block before (`moved`, which this extends).
     Passed over instead, such a value would be rounded to the model's dtype, where in one graph
-    Inductor keeps it in float32: cut after the cross-attention's sum, PixArt-alpha 1024's final
-    samples (bf16, H100) ended 2.2% from the model's run in float32, as eager's do, against 1.1%
-    for plain Inductor and by regions with this."""
+    Inductor keeps it in float32, and a bf16 generation would drift from the model run in float32 as
+    far as eager's does (tests/test_regions.py checks it stays as close as a whole graph's)."""
     home = region[add]
     addend = [i for i in add.all_input_nodes if region.get(i) == home and len(i.users) == 1 and i.op == "call_function"
               and i.target is not operator.getitem and not on_stream(i)]  # a tuple stays where it is made

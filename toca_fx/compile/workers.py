@@ -12,9 +12,8 @@ What a worker's entries are keyed by besides the graph and its inputs (Inductor'
 configs, grad and autocast modes, ...) is taken from this process: a difference would only make this
 process miss the caches and compile the variant itself. A worker that fails warns once, and variants
 are then compiled here, as without workers, for the rest of the process. Where the first variant loads
-from the caches (the generation was compiled before), the workers are stopped: waiting for a worker to
-start and load a variant is slower than loading it here (on 2 cores, 34 s against 4 s for a tiny-DiT
-generation of 5 variants).
+from the caches (the generation was compiled before), the workers are stopped: a worker takes longer
+to start than this process takes to load a variant from the caches.
 """
 from __future__ import annotations
 
@@ -45,7 +44,7 @@ from .inductor import compile_inductor
 from ..analysis.marks import set_stream_mark, stream_marks
 from .regions import compile_graph
 
-AUTO_MIN_CPUS = 8  # parallel_compile=None is on from this many usable cores (on 2 it was slower)
+AUTO_MIN_CPUS = 8  # parallel_compile=None is on from this many usable cores: with fewer, workers compete with this process
 _BENCHMARKING = ("max_autotune", "max_autotune_gemm", "max_autotune_pointwise", "coordinate_descent_tuning")
 _failed = False  # a worker failed: compile everything in this process from now on
 _live: set[_Worker] = set()  # started and not yet waited for

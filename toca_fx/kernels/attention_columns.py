@@ -9,10 +9,8 @@ every multiprocessor: `_stats_kernel` takes each query's softmax maximum and sum
 one chunk; `_columns_kernel`, one program per (batch and head, tile of keys), merges the chunks'
 statistics and sums its keys' probabilities over the queries. Products run on tensor cores.
 `column_sums` is a custom operator that reads its inputs' strides when it runs, so Inductor passes the
-views of the fused QKV projection as they are (no copies). H100, 64 sampled queries, per block, in CUDA
-graphs (`benchmarks/score_kernel.py`, session 13; DiT's kernel has since gone from 4 warps to 8, see
-ONE_TILE_WARPS): DiT-XL/2 17.5 us against torch's 35; PixArt-alpha 1024 48 against 57; FLUX.1-dev 33
-against 46. Used where `supports` holds (CUDA tensors, Triton importable,
+views of the fused QKV projection as they are (no copies). `benchmarks/score_kernel.py` times it
+against torch's (docs/scores.md). Used where `supports` holds (CUDA tensors, Triton importable,
 [B, H, L, d] queries and keys in bf16 or fp16); `toca_fx.ops.scores` falls back to torch elsewhere.
 """
 from __future__ import annotations
@@ -29,11 +27,9 @@ BLOCK_Q, BLOCK_K = 64, 64
 _DTYPES = (torch.bfloat16, torch.float16)  # float32 would run its products in tf32: torch's path instead
 _WAVES = 2  # the statistics kernel's programs per multiprocessor, where the keys allow it
 ONE_TILE = 256  # keys up to this many are taken in one tile, in one pass
-# Warps, swept on the H100 with each kernel timed right after the QKV projection that writes its input,
-# as in the model (`benchmarks/score_kernel.py --warps`, benchmarks/results/...-score-kernel-warps.json):
-# DiT-XL/2's block (64 queries x 256 keys, one tile) took 16.7 us at 8 warps, 38.3 at 4 and 17.0 at 16
-# (tiles of under 128 keys keep 4). The split kernels (statistics, columns) at (4, 4) were within 5% of
-# the best setting tried for PixArt-alpha 1024 and 2048 and the best for FLUX.1 (51.5, 210.5, 28.6 us).
+# Warps, from a sweep with each kernel timed right after the QKV projection that writes its input, as
+# in the model (`benchmarks/score_kernel.py --warps`; docs/scores.md): one tile of 128 keys or more
+# takes 8 (fewer keys keep 4); the split kernels (statistics, columns) take 4 each.
 ONE_TILE_WARPS = 8
 SPLIT_WARPS = (4, 4)
 

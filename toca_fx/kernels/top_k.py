@@ -1,7 +1,7 @@
 """The k highest scores of each row, on the GPU in Triton, by ranking.
 
-Torch's top-k of one row runs in one thread block (PixArt-alpha 1024 at N=4, r=0.3 on the H100: 84
-branches a partial step, 25 us each over 4096 tokens, 2.1 ms of a 17.3 ms step). Here a score's rank is
+Torch's top-k of one row runs in one thread block, and a partial step chooses tokens for every cached
+branch, one row each (`benchmarks/top_k_kernel.py` compares the two). Here a score's rank is
 the number of scores ahead of it (higher, or equal at a lower index), and the token of rank r is written
 to slot r if r < k. Each program ranks one tile of a row's tokens against the whole row, read once per
 tile, so a row of N tokens has N / BLOCK_I programs. The result is in rank order (highest first, ties to
@@ -11,8 +11,7 @@ so every slot is written whatever the scores hold. Used where `supports` holds (
 
 `top_k_refresh` is one branch's whole token choice in that one launch: as each program knows its
 tokens' ranks, it also resets the chosen tokens' staleness (the others' goes up by one) and keeps their
-norms as the reference of the "change" score. Apart, that update was one more kernel per branch
-(PixArt-alpha 1024 at N=4, r=0.3: 83 a partial step, 2.4 us each plus a launch gap).
+norms as the reference of the "change" score: apart, that update would be one more kernel per branch.
 """
 from __future__ import annotations
 
@@ -29,9 +28,8 @@ MAX_PAIRS = 2**24  # comparisons (rows x N^2) up to which ranking beats torch's 
 
 
 def supports(score: torch.Tensor) -> bool:
-    """Whether `top_k` takes this score: CUDA, Triton, and few enough comparisons. On the H100
-    (`benchmarks/top_k_kernel.py`): one row of 4096 (16.7 M pairs) 7.2 us against torch's 25.6, 56 rows
-    of 256 3.7 against 14.0; one row of 16384 (268 M pairs) 72 against 67, 84 rows of 4096 379 against 51."""
+    """Whether `top_k` takes this score: CUDA, Triton, and few enough comparisons (`MAX_PAIRS`, where
+    ranking stops beating torch's top-k in `benchmarks/top_k_kernel.py`)."""
     pairs = score.shape[-1] ** 2 * (score.shape[0] if score.dim() == 2 else 1)
     return (
         triton is not None and score.is_cuda and score.dim() in (1, 2) and score.is_floating_point()

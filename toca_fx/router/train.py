@@ -14,14 +14,13 @@ student equals the teacher, the squared error has zero gradient, and beta alone 
 down together. lambda(t) (`iepo.py`) is re-estimated every `lambda_every` iterations.
 With `target_reuse`, the budget is enforced in the forward pass: the hard gates compute exactly the
 n = round((1 - target_reuse)(T - 1)B) pairs of steps >= 1 with the highest gates (the saved router is
-thresholded at the n-th), so training learns which pairs to reuse at the target speedup. Adapting beta
-towards the target instead could not hold the budget (on the device a 2x router started at its
-target drifted from 53% to 39% reuse).
+thresholded at the n-th), so training learns which pairs to reuse at the target speedup (adapting beta
+towards the target instead lets the share of reuse drift away from it).
 
 Under a budget, training ranks pairs, so the size of each gradient matters, not only its sign. The
 update is SGD with momentum on the gradient divided by its root mean square over all logits: one
-scale for all, so a pair's step follows the size of its gradient (Adam's per-logit scale moved every
-logit by about lr whatever its gradient: the earlier 3x router lost to FORA). After each update the
+scale for all, so a pair's step follows the size of its gradient (Adam's per-logit scale would move
+every logit by about lr whatever its gradient). After each update the
 logits of steps >= 1 are shifted so the budget's boundary sits at logit 0, where the sigmoid's
 gradient is largest (a shift changes no ranking).
 Any single batch is noisy (a first step can re-rank FORA's tied pairs for the worse), so every
