@@ -234,7 +234,7 @@ def compile_cost(args: argparse.Namespace) -> None:
                 if backend.stats()["compiles"] > seen and len(seconds) < args.max_compiles:
                     seen = backend.stats()["compiles"]
                     seconds.append(time.time() - start)
-        plans = len(backend.graphs[0].state.plan_calls)
+        plans = len(backend.graphs[0].plan_calls)
         print(f"| {name} | {plans} | {', '.join(f'{s:.1f}' for s in seconds)} |", flush=True)
 
 

@@ -77,7 +77,7 @@ def test_compiled_map_matches_the_torch_path():
             _, code = run_and_get_code(fast, x.to(device, dtype), t.to(device, dtype), y.to(device))
         assert ("toca_fx.kernels.attention_columns" in "".join(code)) == (device == "cuda")
         state = backend.graphs[0].state
-        (attn,) = [b for s, b in zip(state.specs, state.stream_buffers[0]) if s.name.startswith("attn_")]
+        (attn,) = [b for s, b in zip(state.specs, state.streams[0].buffers) if s.name.startswith("attn_")]
         maps.append(attn.cpu())
         torch._dynamo.reset()
     assert maps[0].norm(dim=-1).sub(1).abs().max() < 1e-5  # L2-normalised rows

@@ -35,7 +35,7 @@ def test_enable_matches_the_pipeline_and_restarts_every_call():
     backend = toca_fx.enable(pipe, config)
     for steps in (6, 4, 6):
         np.testing.assert_allclose(_sample(pipe, steps), reference[steps], atol=1e-5)
-        assert backend.graphs[0].state.num_steps == steps  # set from the scheduler's timesteps
+        assert backend.runtime.num_steps == steps  # set from the scheduler's timesteps
     # Each call starts with a full step: 6 steps are full at 0, 3; 4 steps at 0, 3.
     assert backend.stats()["calls"] == {"full": 6, "partial": 10}
 

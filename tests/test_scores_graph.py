@@ -24,7 +24,7 @@ def _run(model, config, steps=4):
 
 def _buffers(backend):
     graph = backend.graphs[0]
-    return {spec.name: buf for spec, buf in zip(graph.state.specs, graph.state.stream_buffers[0])}
+    return {spec.name: buf for spec, buf in zip(graph.state.specs, graph.state.streams[0].buffers)}
 
 
 def test_fused_attention_map_equals_the_written_out_one():

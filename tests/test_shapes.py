@@ -12,13 +12,13 @@ from toca_fx import ToCaBackend, ToCaConfig, ToCaWarning
 from tests.diffusers_zoo import build, loop_inputs
 
 
-def _backend(ratio=0.5, self_attn="reuse"):
-    return ToCaBackend(ToCaConfig(interval=3, ratio=ratio, num_steps=10, self_attn=self_attn, inner="eager"))
+def _backend(ratio=0.5, self_attn="reuse", num_steps=10):
+    return ToCaBackend(ToCaConfig(interval=3, ratio=ratio, num_steps=num_steps, self_attn=self_attn, inner="eager"))
 
 
 @pytest.mark.parametrize("dynamic", [False, None])
 def test_new_shape_starts_with_a_full_step_in_fresh_state(dynamic):
-    model, backend = build("pixart"), _backend()
+    model, backend = build("pixart"), _backend(num_steps=2)  # a generation of two steps per shape
     fast = torch.compile(model, backend=backend, dynamic=dynamic)
     shapes = [dict(size=8), dict(size=16), dict(size=8, batch=3), dict(size=12)]
     with warnings.catch_warnings():
@@ -29,7 +29,7 @@ def test_new_shape_starts_with_a_full_step_in_fresh_state(dynamic):
                 assert torch.equal(fast(**first)[0], model(**first)[0]), shape  # a full step
                 assert not torch.allclose(fast(**second)[0], model(**second)[0], atol=1e-4), shape  # cached
     assert len(backend.graphs) == len(shapes)
-    assert all(dict(g.state.calls) == {"full": 1, "partial": 1} for g in backend.graphs)
+    assert all(dict(g.calls) == {"full": 1, "partial": 1} for g in backend.graphs)
     assert {b["tokens"] for b in backend.stats()["branches"]} == {16, 64, 36}
 
 
@@ -45,4 +45,4 @@ def test_mark_dynamic_token_dim_is_specialised_per_token_count():
                 torch.testing.assert_close(fast(**kwargs)[0], model(**kwargs)[0], rtol=1e-5, atol=1e-5)
     # A symbolic graph, served by one static graph (own variants, own state) per token count.
     assert sorted({b["tokens"] for b in backend.stats()["branches"]}) == [5, 16, 21, 36, 41]  # 5: text
-    assert [dict(g.state.calls) for g in backend.graphs] == [{"full": 2, "partial": 2}] * 2
+    assert [dict(g.calls) for g in backend.graphs] == [{"full": 2, "partial": 2}] * 2

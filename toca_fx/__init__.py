@@ -2,7 +2,8 @@
 
     fast = torch.compile(model, backend=toca_fx.toca_backend)
 """
-from .backend import ToCaBackend, ToCaWarning
+from .backend import ToCaBackend
+from .errors import ToCaWarning
 from .config import ToCaConfig
 from .explain import Report, explain
 from .pipeline import enable
@@ -12,5 +13,6 @@ from .policies.learned import Router
 toca_backend = ToCaBackend()
 
 __all__ = [
-    "FORAPolicy", "Report", "Router", "ToCaBackend", "ToCaConfig", "ToCaWarning", "enable", "explain", "toca_backend",
+    "FORAPolicy", "Report", "Router", "ToCaBackend", "ToCaConfig", "ToCaWarning", "enable", "explain",
+    "toca_backend",
 ]

@@ -16,21 +16,22 @@ import torch.fx as fx
 from .analysis.residual import find_branches
 from .compile.options import compile_variant
 from .config import ToCaConfig
+from .errors import ToCaWarning
 from .runtime.dispatch import CachedGraph
+from .runtime.registry import Runtime
 from .runtime.shapes import PerShape
 from .runtime.stats import summary
-
-
-class ToCaWarning(UserWarning):
-    """A graph, or part of it, is compiled without caching."""
 
 
 class ToCaBackend:
     """A `torch.compile` backend that adds token-wise feature caching to any DiT."""
 
     def __init__(self, config: ToCaConfig | None = None):
+        if config is not None and not isinstance(config, ToCaConfig):
+            raise TypeError(f"ToCaBackend takes a ToCaConfig (e.g. ToCaConfig(ratio=0.5)), got {type(config).__name__}")
         self.config = config if config is not None else ToCaConfig()
         self.graphs: list[CachedGraph] = []
+        self.runtime = Runtime(self.config.num_steps)
 
     def __call__(self, gm: fx.GraphModule, example_inputs: list[Any], **options: Any) -> Callable:
         if _dynamic_inputs(gm):  # the token count must be static: a static graph per concrete shape
@@ -38,30 +39,33 @@ class ToCaBackend:
         return self._static(gm, example_inputs, options)
 
     def reset(self, num_steps: int | None = None) -> None:
-        """Start a new generation in every compiled graph; of `num_steps` calls per stream, if given."""
+        """Start a new generation at the next call of every model, of `num_steps` steps if given (else as
+        many as before); free the caches of the models and shapes not called since the last reset."""
         if num_steps is not None:
-            self.config = replace(self.config, num_steps=num_steps)
-        for graph in self.graphs:
-            graph.state.reset(num_steps)
+            self.config = replace(self.config, num_steps=num_steps)  # validated as the config's field
+        self.runtime.reset(num_steps)
 
     def reset_stats(self) -> None:
         """Count from zero again: `stats()` then describes only the calls after this one."""
         for graph in self.graphs:
-            graph.state.clear_counters()
+            graph.calls.clear()
+            graph.plan_calls.clear()
 
     def stats(self) -> dict[str, Any]:
         """Calls, compiles, cache bytes, the theoretical FLOPs of the calls so far relative to running
         them uncached, per branch the fraction of token rows recomputed and its own FLOP ratio (scoring
         and gathering included), and per variant compiled its compile time."""
-        return summary(self.graphs)
+        return summary(self.graphs, self.runtime.nbytes)
 
     def _static(self, gm: fx.GraphModule, example_inputs: list[Any], options: dict) -> Callable:
+        if torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in example_inputs):
+            # Cached outputs would carry autograd graphs across steps; Dynamo compiles grad mode apart.
+            return self._plain(gm, example_inputs, options, "gradients are enabled; use torch.no_grad() or "
+                               "torch.inference_mode() around the denoising loop to cache")
         analysis = find_branches(gm.graph)
         if not analysis.branches:
             why = "; ".join(f"{r.name}: {r.reason}" for r in analysis.rejected) or "no x + f(x) adds of [B, N, D] tensors"
-            warnings.warn(f"toca_fx: graph compiled without caching: no cacheable residual branch ({why})",
-                          ToCaWarning, stacklevel=2)
-            return compile_variant(gm, example_inputs, self.config.inner, options, wide_rows=False)
+            return self._plain(gm, example_inputs, options, f"no cacheable residual branch ({why})")
         unexpected = [r for r in analysis.rejected if not r.by_design]
         if unexpected:
             warnings.warn(
@@ -70,9 +74,13 @@ class ToCaBackend:
                 ToCaWarning,
                 stacklevel=2,
             )
-        graph = CachedGraph(gm, analysis, self.config, options)
+        graph = CachedGraph(gm, analysis, self.config, options, self.runtime, example_inputs)
         self.graphs.append(graph)
         return graph
+
+    def _plain(self, gm: fx.GraphModule, example_inputs: list[Any], options: dict, why: str) -> Callable:
+        warnings.warn(f"toca_fx: graph compiled without caching: {why}", ToCaWarning, stacklevel=3)
+        return compile_variant(gm, example_inputs, self.config.inner, options, wide_rows=False)
 
 
 def _dynamic_inputs(gm: fx.GraphModule) -> str:

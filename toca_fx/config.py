@@ -45,9 +45,15 @@ class ToCaConfig:
         variant as one whole graph. By regions a generation compiles in a fraction of the time a
         whole graph per variant takes and runs about as fast (docs/benchmarks.md). With
         `parallel_compile`, the first two variants compile here and the rest in workers.
-    calls_per_step: calls of the model per denoising step, each with its own cache: 2 for a pipeline
-        that calls the model for the conditional, then the unconditional half of classifier-free
-        guidance (batched guidance, one call with both halves, is 1).
+    timestep_clock: steps and generations follow the model's timestep input (an input that reaches a
+        sine or cosine embedding): a lower timestep is the next step, the same one again another call
+        of the same step with a cache of its own (guidance called in halves), a higher one a new
+        generation. False counts calls instead (`calls_per_step` a step, `num_steps` a generation, or
+        `reset()`), for samplers whose timesteps do not fall step by step. Without a timestep input
+        calls are counted too, with a warning.
+    calls_per_step: where calls are counted, calls of the model per denoising step, each with its own
+        cache: 2 for a pipeline that calls the model for the conditional, then the unconditional half
+        of classifier-free guidance (batched guidance, one call with both halves, is 1).
     scores: weight per token score (see `toca_fx.ops.scores`), as a mapping or (name, weight) pairs.
     attention_queries: queries sampled (evenly spaced) to estimate the self-attention map that the
         "attention" score reads, on full steps; 0 takes all queries. A written-out softmax map is read
@@ -78,6 +84,7 @@ class ToCaConfig:
     num_steps: int = 50
     self_attn: str = "reuse"
     inner: str = "inductor"
+    timestep_clock: bool = True
     calls_per_step: int = 1
     scores: Any = DEFAULT_WEIGHTS
     attention_queries: int = 0
@@ -131,6 +138,7 @@ def _validate(c: ToCaConfig) -> None:
         "parallel_compile", "None, True or False", c.parallel_compile,
     )
     _check(isinstance(c.regional, bool), "regional", "True or False", c.regional)
+    _check(isinstance(c.timestep_clock, bool), "timestep_clock", "True or False", c.timestep_clock)
     _check(
         _is_int(c.calls_per_step) and c.calls_per_step >= 1,
         "calls_per_step", "an int >= 1", c.calls_per_step,

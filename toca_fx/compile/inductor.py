@@ -46,7 +46,7 @@ def compile_inductor(gm: fx.GraphModule, inputs: list[Any], patches: dict[str, A
 
     fake_mode = FakeTensorMode(shape_env=ShapeEnv())
     metas = metas_of(inputs)
-    gm = _with_example_values(gm, metas, fake_mode)
+    gm = _with_example_values(gm, metas, FakeTensorMode(shape_env=ShapeEnv()))  # its own: unbacked symbols (item()) stay there
     marked = {**patches.get(_MARKED, torch._inductor.config.unsafe_marked_cacheable_functions), **_toca_functions(gm)}
     if wide_rows:
         marked[_ROWS_KEY] = str(PERSISTENT_ROWS)

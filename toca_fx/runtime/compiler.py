@@ -24,8 +24,9 @@ from ..compile.options import compile_variant, inductor_patches, variant_options
 from ..compile.regions import Regional
 from ..config import ToCaConfig
 from ..rewrite.variants import build_variant
+from ..rewrite.layout import BufferSpec
 from .planner import Planner, Step, Variant
-from .state import CacheState
+from .state import CacheState, Stream
 
 log = logging.getLogger("toca_fx")  # INFO: each variant's compilation, as it ends (they can take minutes)
 
@@ -35,9 +36,11 @@ _HERE_REGIONAL, _HERE_WHOLE = 2, 1
 
 
 class VariantCompiler:
-    def __init__(self, gm: fx.GraphModule, config: ToCaConfig, options: dict, state: CacheState, planner: Planner):
-        self.gm, self.config, self.options, self.state, self.planner = gm, config, options, state, planner
+    def __init__(self, gm: fx.GraphModule, config: ToCaConfig, options: dict, specs: tuple[BufferSpec, ...],
+                 planner: Planner):
+        self.gm, self.config, self.options, self.specs, self.planner = gm, config, options, specs, planner
         self.compiled: list[Variant] = []  # in the order compiled
+        self.graphed = False  # variants replayed as CUDA graphs here (decided at the first compilation)
         self._pool = None
         self._ahead = workers.Prefetch()  # workers compiling variants before their first calls
         self._prefetched: set[int] = set()  # num_steps of the generations whose variants went to it
@@ -52,27 +55,45 @@ class VariantCompiler:
         self.graph(variant)
         return variant.used
 
-    def inputs(self, variant: Variant, args: tuple) -> list[Any]:
+    def inputs(self, variant: Variant, args: tuple, state: CacheState, stream: Stream) -> list[Any]:
         """`args`, the buffers `variant` uses and stand-ins for the others (see the module's doc)."""
-        used, buffers = self.used(variant), self.state.buffers(self.used(variant))
-        return [*args, *(b if i in used else s.stand_in() for i, (b, s) in enumerate(zip(buffers, self.state.specs)))]
+        used = self.used(variant)
+        buffers = state.buffers(stream, used)
+        return [*args, *(b if i in used else s.stand_in() for i, (b, s) in enumerate(zip(buffers, self.specs)))]
 
-    def compile(self, variant: Variant, args: tuple, generation: list[Step]) -> None:
+    def example(self, args: tuple) -> list[Any]:
+        """The metadata of a call's inputs, the buffers as allocated: what FLOPs are counted on."""
+        return metas_of(list(args)) + [s.meta() for s in self.specs]
+
+    def compile(self, variant: Variant, args: tuple, state: CacheState, stream: Stream, generation: list[Step]) -> None:
         """Compile `variant` (due now, at a step of `generation`), first sending the generation's
         others to workers where that is on."""
+        if not self.compiled:
+            self.graphed = self._graphed(args)
         self._prefetch(variant, args, generation)
-        inputs = self.inputs(variant, args)
-        graphed = self._graphed(args)
+        inputs = self.inputs(variant, args, state, stream)
+        graphed = self.graphed
         start = time.perf_counter()
         with self._ahead.compiling(variant.id):  # after its worker, if one compiles it into the caches
             options = variant_options(self.options, variant.modes, graphed)
             fn = compile_variant(self.graph(variant), inputs, self.config.inner, options, regional=self.config.regional)
         variant.regions = (fn.blocks, fn.forms) if isinstance(fn, Regional) else None
-        variant.fn = self._cuda_graphed(fn, inputs) if graphed else fn
+        variant.fn = fn
         variant.seconds, variant.worker = time.perf_counter() - start, self._ahead.times.get(variant.id)
         self.compiled.append(variant)
         if self.config.inner == "inductor":
             log.info(self._message(variant, generation))
+
+    def runner(self, variant: Variant, stream: Stream, args: tuple) -> Callable:
+        """The variant replayed as a CUDA graph bound to `stream`'s buffers (captured at its second call)."""
+        key = (id(self), variant.id)
+        runner = stream.runners.get(key)
+        if runner is None:
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            static = [hasattr(x, "_dynamo_static_input_type") for x in args] + [True] * len(self.specs)
+            runner = stream.runners[key] = CudaGraphed(variant.fn, static, self._pool)
+        return runner
 
     def compile_times(self) -> list[dict[str, Any]]:
         """Per variant compiled, in that order: the label and step of its first call, the seconds that
@@ -108,7 +129,7 @@ class VariantCompiler:
         if self.config.inner != "inductor" or num_steps in self._prefetched:
             return
         self._prefetched.add(num_steps)
-        graphed = self._graphed(args)
+        graphed = self.graphed
         patches = inductor_patches(variant_options(self.options, first.modes, graphed))
         ahead = workers.enabled(self.config.parallel_compile, patches)
         order = list(dict.fromkeys(s.variant for s in generation if s.variant.fn is None))
@@ -126,18 +147,11 @@ class VariantCompiler:
     def _job(self, variant: Variant, metas: list[Any], graphed: bool) -> bytes:
         """A worker's job: compile `variant` as `compile` will, from the metadata of its inputs."""
         used = self.used(variant)
-        buffers = [s.meta(used=i in used) for i, s in enumerate(self.state.specs)]
+        buffers = [s.meta(used=i in used) for i, s in enumerate(self.specs)]
         patches = inductor_patches(variant_options(self.options, variant.modes, graphed))
         return workers.job(self.graph(variant), [*metas, *buffers], patches, self.config.regional)
 
     def _graphed(self, args: tuple) -> bool:
-        """Whether variants are captured as CUDA graphs here (`CudaGraphed`) rather than by Inductor."""
-        # Captures assume fixed buffers; separate call streams pass different ones.
-        return self.options.get("mode") == "reduce-overhead" and args[0].is_cuda and len(self.state.steps) == 1
-
-    def _cuda_graphed(self, fn: Callable, inputs: list[Any]) -> CudaGraphed:
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
-        n_args = len(inputs) - len(self.state.specs)
-        static = [i >= n_args or hasattr(x, "_dynamo_static_input_type") for i, x in enumerate(inputs)]
-        return CudaGraphed(fn, static, self._pool)
+        """Whether variants are captured as CUDA graphs here (`CudaGraphed`, one per cache stream, bound
+        to its buffers) rather than by Inductor, which skips graphs that update inputs in place."""
+        return self.options.get("mode") == "reduce-overhead" and any(isinstance(a, torch.Tensor) and a.is_cuda for a in args)

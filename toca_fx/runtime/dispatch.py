@@ -1,8 +1,12 @@
 """`CachedGraph`: what the backend returns for a captured graph with cacheable branches.
 
-At each call it asks the plan of the generation which variant this step runs, compiles that variant
-at its first call, and runs it with the cache buffers of the graph's `CacheState` as extra inputs.
-The step index never enters a graph, so steps never recompile.
+At each call it finds whose computation the call is (its parameters) and where it falls in a
+generation (the model's timestep clock, `runtime.clock`), takes that step's variant from the plan of
+the generation, compiles it at its first call, and runs it with that owner's cache buffers as extra
+inputs. The step index never enters a graph, so steps never recompile.
+
+A call the schedule does not expect (a step past the planned ones, a stream that missed the step
+before, a new owner or shape mid-generation) runs a step that fills every cache: never a stale one.
 """
 from __future__ import annotations
 
@@ -11,16 +15,18 @@ from typing import Any
 
 import torch.fx as fx
 
-from ..analysis.fake import metas_of
 from ..analysis.marks import mark_stream, tag_branch
 from ..analysis.residual import Analysis
+from ..analysis.timestep import parameter_inputs, timestep_inputs
 from ..config import ToCaConfig
 from ..policies.plan import StepKind
 from ..policies.toca import ToCaPolicy
 from ..rewrite.layout import buffer_specs
+from .clock import Tick, read_timestep
 from .compiler import VariantCompiler
-from .planner import Planner, Step
-from .state import CacheState
+from .planner import Planner, Step, Variant
+from .registry import Owner, Runtime
+from .state import CacheState, Stream
 from .stats import UNCACHED, FlopTable
 
 
@@ -28,36 +34,50 @@ class CachedGraph:
     """Dispatcher for one captured graph: picks, compiles and runs the variant of each step.
     Steps with the same plans share one variant: one graph, one compilation."""
 
-    def __init__(self, gm: fx.GraphModule, analysis: Analysis, config: ToCaConfig, options: dict):
-        self.gm, self.analysis, self.config = gm, analysis, config
-        self.state = CacheState(buffer_specs(analysis, config), config.num_steps, config.calls_per_step)
+    def __init__(self, gm: fx.GraphModule, analysis: Analysis, config: ToCaConfig, options: dict,
+                 runtime: Runtime, example_inputs: list[Any]):
+        self.gm, self.analysis, self.config, self.runtime = gm, analysis, config, runtime
+        self.layout = tuple(buffer_specs(analysis, config))
         self.planner = Planner(analysis.branches, config.policy if config.policy is not None else ToCaPolicy(config))
-        self.compiler = VariantCompiler(gm, config, options, self.state, self.planner)
+        self.compiler = VariantCompiler(gm, config, options, self.layout, self.planner)
+        self.calls: Counter = Counter()  # step label -> calls
+        self.plan_calls: Counter = Counter()  # variant id -> calls
+        self.state: CacheState | None = None  # the state of the last call
+        self._params = parameter_inputs(example_inputs)
+        self._timesteps = timestep_inputs(gm.graph, example_inputs) if config.timestep_clock else []
         self._flops = FlopTable()
         for branch in analysis.branches:
             tag_branch(branch.index, branch.nodes)
         mark_stream([b.add for b in analysis.branches], analysis.branches[0].stream)
 
     def __call__(self, *args: Any) -> Any:
-        # The hot path: per call, no hashing of plan keys and no loop over branches.
-        label, variant = self.next_step()
+        state, tick, num_steps = self._where(args)
+        stream = state.stream(tick.stream)
+        label, variant = self._step(tick, stream, num_steps)
         if variant.fn is None:
-            self._compile(variant, args)
-        out = variant.fn(*args, *self.state.buffers(variant.used))
-        self.state.record(label, variant.id)
+            self._compile(variant, args, state, stream, num_steps)
+        fn = self.compiler.runner(variant, stream, args) if self.compiler.graphed else variant.fn
+        out = fn(*args, *state.buffers(stream, variant.used))
+        stream.last = (tick.generation, tick.step)
+        self.calls[label] += 1
+        self.plan_calls[variant.id] += 1
         return out
 
     def next_step(self) -> Step:
-        """The label and variant of the next call."""
-        return self.planner.generation(self.state.num_steps)[self.state.step]
+        """The label and variant the schedule gives the next call of the last state, by counting."""
+        steps = self.planner.generation(self.runtime.num_steps)
+        stream = self.state.streams[0] if self.state is not None and self.state.streams else None
+        last = stream.last[1] if stream is not None and stream.last is not None else -1
+        return steps[(last + 1) % len(steps)]
 
     def variant_graph(self, label: str) -> fx.GraphModule:
         """The rewritten graph of the first step labelled `label` ("full", "partial"), uncompiled."""
         return self.compiler.graph(self._first_of(label))
 
     def variant_inputs(self, label: str, args: tuple) -> list[Any]:
-        """What the variant of the first step labelled `label` is called with, after `args`."""
-        return self.compiler.inputs(self._first_of(label), args)
+        """What the variant of the first step labelled `label` is called with: `args`, then the buffers
+        of the last call's first stream."""
+        return self.compiler.inputs(self._first_of(label), args, self.state, self.state.stream(0))
 
     @property
     def n_compiled(self) -> int:
@@ -77,11 +97,63 @@ class CachedGraph:
         """Theoretical FLOPs of one call of the step labelled `label` ("uncached" for the original)."""
         return self.flops[UNCACHED] if label == UNCACHED else self.flops[self._first_of(label).key]
 
-    def _compile(self, variant: Any, args: tuple) -> None:
-        if self._flops.example is None:  # shapes only, for counting FLOPs on demand (buffers as allocated)
-            self._flops.example = metas_of(list(args)) + [s.meta() for s in self.state.specs]
-        self.compiler.compile(variant, args, self.planner.generation(self.state.num_steps))
+    def _where(self, args: tuple) -> tuple[CacheState, Tick, int]:
+        """The state of this call's owner, the call's place, and the steps planned for its generation."""
+        owner = self._owner(args)
+        state = self.runtime.state(owner, self.layout)
+        self.state = state
+        clock = self.runtime.clock(owner) if self._timesteps else self.runtime.current_clock()
+        if clock is None or not self.config.timestep_clock:
+            if self.config.timestep_clock:
+                    self.runtime.warn_once("no clock", "toca_fx: no input of the compiled model carries its timestep "
+                                       "(an input that reaches a sine or cosine embedding), so steps are counted by "
+                                       "calls: call backend.reset() before each generation and set calls_per_step "
+                                       "for guidance called in halves")
+            self.runtime.called(state, None)
+            tick = state.count(self.runtime.num_steps, self.config.calls_per_step)
+            return state, tick, state.num_steps
+        if self._timesteps:
+            self._observe(clock, args)
+        self.runtime.called(state, clock)
+        state.generation = clock.generation
+        return state, clock.tick(), clock.num_steps
 
-    def _first_of(self, label: str) -> Any:
-        self.planner.generation(self.state.num_steps)
+    def _observe(self, clock: Any, args: tuple) -> None:
+        values = tuple(read_timestep(args[i]) for i in self._timesteps)
+        if None in values:
+            self.runtime.warn_once("timestep", "toca_fx: a timestep input is empty or not finite: that call "
+                                   "counts as the next step")
+            values = tuple(v if v is not None else -float("inf") for v in values)
+        # A generation that ended before its planned steps by the inputs' say, not by a reset.
+        steps = clock.step + 1 if clock.last is not None else 0
+        planned = clock.num_steps
+        if clock.observe(values):
+            self.runtime.started(clock, steps, planned)
+
+    def _step(self, tick: Tick, stream: Stream, num_steps: int) -> Step:
+        steps = self.planner.generation(num_steps)
+        if tick.step >= len(steps):
+            self.runtime.warn_once("past", f"toca_fx: a generation ran past its {num_steps} planned steps "
+                                   "(ToCaConfig.num_steps); the steps past them fill every cache (computed in full)")
+            return self.planner.fill_all()
+        if tick.step > 0 and stream.last != (tick.generation, tick.step - 1):
+            self.runtime.warn_once("unexpected", "toca_fx: a call the schedule did not expect (a model, block or "
+                                   "shape first called mid-generation, a cache stream that missed a step, or "
+                                   "parameters used twice in one step) filled every cache (computed in full)")
+            return self.planner.fill_all()
+        return steps[tick.step]
+
+    def _owner(self, args: tuple) -> Owner:
+        if not self._params:
+            return Owner((id(self),), self)
+        first, last = args[self._params[0]], args[self._params[-1]]
+        return Owner((id(first), id(last)), first)
+
+    def _compile(self, variant: Variant, args: tuple, state: CacheState, stream: Stream, num_steps: int) -> None:
+        if self._flops.example is None:  # shapes only, for counting FLOPs on demand (buffers as allocated)
+            self._flops.example = self.compiler.example(args)
+        self.compiler.compile(variant, args, state, stream, self.planner.generation(num_steps))
+
+    def _first_of(self, label: str) -> Variant:
+        self.planner.generation(self.runtime.num_steps)
         return self.planner.first_of(StepKind(label))

@@ -52,6 +52,10 @@ class Planner:
             self._generations[num_steps] = [Step(label, self._variant(plans)) for label, plans in planned]
         return self._generations[num_steps]
 
+    def fill_all(self) -> Step:
+        """A full step that fills every cache: what a call the schedule did not expect runs."""
+        return Step(StepKind.FULL, self._variant({b.index: BranchPlan(Mode.FILL) for b in self.branches}))
+
     def first_of(self, label: StepKind) -> Variant:
         """The variant of the first step labelled `label` in the generations planned so far."""
         if not self._generations:

@@ -1,76 +1,80 @@
-"""`CacheState`: the side state of one compiled graph, kept apart from the graphs that use it.
+"""`CacheState`: the side state of one model (or one block of it, or one thread's use of it) at one
+shape, kept apart from the graphs that use it.
 
-It holds the cache buffers (passed to every variant as extra inputs and updated in place by them;
-each allocated when a variant that reads or writes it first runs, so caches no step uses cost nothing),
-the step counter that picks the variant, and the counters behind `stats()`. A pipeline that calls the
-model more than once per step (conditional, then unconditional guidance) has one set of buffers and
-one step counter per call stream; calls take turns, so the streams' caches never mix.
+It holds, per cache stream, the cache buffers (passed to every variant as extra inputs and updated in
+place by them; each allocated when a variant that reads or writes it first runs, so caches no step
+uses cost nothing), where the stream was last called (to tell a call the schedule expects from one it
+does not), and the stream's CUDA-graph replays, which are bound to its buffers. Graphs of the same
+model and shape (a graph recompiled for a new timestep value, or after `torch._dynamo.reset()`)
+share one state: the buffers mean the same to all of them.
+
+Without a timestep clock (`runtime.clock`) the state counts its own calls: `calls_per_step` streams
+called in turn, a new generation after `num_steps` steps or `reset()`.
 """
 from __future__ import annotations
 
-from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import torch
 
 from ..rewrite.layout import BufferSpec
+from .clock import Clock, Tick
+
+
+@dataclass(eq=False)
+class Stream:
+    buffers: list[torch.Tensor]
+    allocated: set[int] = field(default_factory=set)
+    complete: set = field(default_factory=set)  # `used` sets whose buffers are all allocated
+    last: tuple[int, int] | None = None  # (generation, step) of its last call
+    runners: dict[Any, Callable] = field(default_factory=dict)  # CUDA-graph replays with these buffers
 
 
 class CacheState:
-    """Buffers, step counter and statistics of one compiled graph."""
+    """Buffers, streams and call positions of one model at one shape."""
 
-    def __init__(self, specs: list[BufferSpec], num_steps: int, streams: int = 1):
+    def __init__(self, specs: list[BufferSpec]):
         self.specs = specs
-        self.num_steps = num_steps
-        self.stream_buffers: list[list[torch.Tensor]] = [[s.stand_in() for s in specs] for _ in range(streams)]
-        self._allocated: list[set[int]] = [set() for _ in range(streams)]
-        self._complete: list[set[frozenset[int] | None]] = [set() for _ in range(streams)]  # `used` all allocated
-        self.steps = [0] * streams
-        self.turn = 0  # the call stream of the next call
-        self.calls: Counter[str] = Counter()  # policy label ("full", "partial", ...) -> calls
-        self.plan_calls: Counter[int] = Counter()  # plan id (the backend's) -> calls
+        self.streams: list[Stream] = []
+        self.generation = 0  # the last generation called (of the clock it follows, or counted here)
+        self.counted = 0  # calls of the counted generation so far
+        self.num_steps = 0  # steps of the counted generation
+        self.clock: Clock | None = None  # the clock its last call followed (None: counted)
+        self.epoch = -1  # the backend's resets before its last call
 
-    @property
-    def step(self) -> int:
-        """The step of the next call, within its stream's generation."""
-        return self.steps[self.turn]
+    def stream(self, i: int) -> Stream:
+        while len(self.streams) <= i:
+            self.streams.append(Stream([s.stand_in() for s in self.specs]))
+        return self.streams[i]
 
-    def buffers(self, used: frozenset[int] | None = None) -> list[torch.Tensor]:
-        """The next call's buffers, one per spec: those at the indices `used` (default: all) allocated
-        (filled with their spec's value) on first use; the others stay empty stand-ins, which the
-        call's graph must not read."""
-        if used not in self._complete[self.turn]:  # once per stream and `used`: no set arithmetic per call
-            self._allocate(used)
-        return self.stream_buffers[self.turn]
+    def buffers(self, stream: Stream, used: frozenset[int]) -> list[torch.Tensor]:
+        """The stream's buffers, one per spec: those at the indices `used` allocated (filled with their
+        spec's value) on first use; the others stay empty stand-ins, which the call's graph must not read."""
+        if used not in stream.complete:  # once per stream and `used`: no set arithmetic per call
+            for i in used - stream.allocated:
+                stream.buffers[i] = self.specs[i].allocate()
+                stream.allocated.add(i)
+            stream.complete.add(used)
+        return stream.buffers
 
-    def _allocate(self, used: frozenset[int] | None) -> None:
-        buffers, allocated = self.stream_buffers[self.turn], self._allocated[self.turn]
-        for i in (set(range(len(self.specs))) if used is None else used) - allocated:
-            s = self.specs[i]
-            buffers[i] = s.allocate()
-            allocated.add(i)
-        self._complete[self.turn].add(used)
+    def count(self, num_steps: int, streams: int) -> Tick:
+        """The next call's place by counting (no clock): `streams` calls a step, `num_steps` steps."""
+        if self.counted == 0:
+            self.generation, self.num_steps = self.generation + 1, num_steps
+        tick = Tick(self.generation, self.counted // streams, self.counted % streams)
+        self.counted = (self.counted + 1) % (self.num_steps * streams)
+        return tick
 
-    def record(self, label: str, plan: int) -> None:
-        """Count one call: its label and its plan, an id the backend gives each distinct plan (and from
-        which it derives the rows computed per branch)."""
-        self.calls[label] += 1
-        self.plan_calls[plan] += 1
-        self.steps[self.turn] = (self.steps[self.turn] + 1) % self.num_steps
-        self.turn = (self.turn + 1) % len(self.steps)
+    def restart(self) -> None:
+        """The next counted call starts a new generation."""
+        self.counted = 0
 
-    def reset(self, num_steps: int | None = None) -> None:
-        """Start a new generation (of `num_steps` steps, if given): the next call is the first stream's
-        full step, which overwrites every buffer."""
-        self.num_steps = num_steps or self.num_steps
-        self.steps = [0] * len(self.steps)
-        self.turn = 0
-
-    def clear_counters(self) -> None:
-        """Forget the calls counted so far (e.g. a warm-up), keeping the caches and the step."""
-        self.calls.clear()
-        self.plan_calls.clear()
+    def release(self) -> None:
+        """Free every buffer (and the CUDA graphs bound to them); the next call allocates what it uses."""
+        self.streams.clear()
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the buffers allocated so far, over all call streams."""
-        return sum(self.specs[i].nbytes for allocated in self._allocated for i in allocated)
+        """Bytes of the buffers allocated, over all streams."""
+        return sum(self.specs[i].nbytes for s in self.streams for i in s.allocated)

@@ -27,7 +27,7 @@ class FlopTable:
 
     def by_branch(self, graph: CachedGraph) -> dict[Any, Counter]:
         if self.example is not None:
-            n_args = len(self.example) - len(graph.state.specs)
+            n_args = len(self.example) - len(graph.layout)
             if UNCACHED not in self._by_branch:
                 self._by_branch[UNCACHED] = graph_flops(graph.gm, self.example[:n_args])
             for variant in graph.compiler.compiled:
@@ -38,7 +38,7 @@ class FlopTable:
 
 def plan_calls(graph: CachedGraph) -> list[tuple[Variant, int]]:
     """Each variant called since the counters were last cleared, with its calls."""
-    return [(graph.planner.variants[i], n) for i, n in graph.state.plan_calls.items()]
+    return [(graph.planner.variants[i], n) for i, n in graph.plan_calls.items()]
 
 
 def branch_rows(graph: CachedGraph, graph_index: int) -> list[dict[str, Any]]:
@@ -52,7 +52,7 @@ def branch_rows(graph: CachedGraph, graph_index: int) -> list[dict[str, Any]]:
         for branch, f in flops.get(variant.key, {}).items():
             done[branch] += n * f
     uncached = flops.get(UNCACHED, Counter())
-    calls = sum(graph.state.plan_calls.values())
+    calls = sum(graph.plan_calls.values())
     return [
         {
             "graph": graph_index,
@@ -69,15 +69,15 @@ def branch_rows(graph: CachedGraph, graph_index: int) -> list[dict[str, Any]]:
     ]
 
 
-def summary(graphs: list[CachedGraph]) -> dict[str, Any]:
-    """`ToCaBackend.stats()` of these graphs."""
+def summary(graphs: list[CachedGraph], cache_bytes: int) -> dict[str, Any]:
+    """`ToCaBackend.stats()` of these graphs, whose caches hold `cache_bytes`."""
     branches = [row for i, g in enumerate(graphs) for row in branch_rows(g, i)]
-    calls = sum((g.state.calls for g in graphs), start=Counter())
+    calls = sum((g.calls for g in graphs), start=Counter())
     return {
         "graphs": len(graphs),
         "calls": {str(label): n for label, n in calls.items()},
         "compiles": sum(len(g.compiler.compiled) for g in graphs),
-        "cache_bytes": sum(g.state.nbytes for g in graphs),
+        "cache_bytes": cache_bytes,
         "computed_fraction": fraction(sum(b["rows"] for b in branches), sum(b["capacity"] for b in branches)),
         "flops_ratio": flops_ratio(graphs),
         "branches": branches,

@@ -1,0 +1,56 @@
+"""The inputs of a graph that carry the denoising timestep, found by what the graph does with them.
+
+Matches: a graph input that is not a parameter, holds at most a handful of numbers (a 0-d tensor, a
+[B] vector, a Python number), and reaches a sine or cosine before any matmul: the sinusoidal timestep
+embedding every DiT starts with. Class labels go through an embedding lookup and latents through a
+patch embedding (a matmul or convolution), so neither matches; a guidance-strength input embedded the
+same way (FLUX) matches too, and is harmless: it stays constant through a generation.
+Produces: the positions of those inputs among the graph's placeholders.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from .graphs import op_name
+
+_MAX_NUMEL = 64  # a timestep is one number per sample at most
+_EMBED = {"sin", "cos"}
+_STOP = {"linear", "matmul", "bmm", "mm", "addmm", "einsum", "conv1d", "conv2d", "conv3d", "embedding",
+         "scaled_dot_product_attention"}
+
+
+def timestep_inputs(graph: fx.Graph, example_inputs: list[Any]) -> list[int]:
+    """Positions of the placeholders that carry the timestep (see the module's doc)."""
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    return [i for i, (node, value) in enumerate(zip(placeholders, example_inputs))
+            if _small(value) and _reaches_embedding(node)]
+
+
+def parameter_inputs(example_inputs: list[Any]) -> list[int]:
+    """Positions of the inputs that are the model's parameters: whose identity says which model (or
+    which block of it) a call computes."""
+    return [i for i, x in enumerate(example_inputs) if isinstance(x, torch.nn.Parameter)]
+
+
+def _small(value: Any) -> bool:
+    if isinstance(value, torch.nn.Parameter):
+        return False
+    if isinstance(value, torch.Tensor):
+        return value.dim() <= 1 and value.numel() <= _MAX_NUMEL and not value.dtype.is_complex and value.dtype != torch.bool
+    return isinstance(value, (int, float, torch.SymInt, torch.SymFloat)) and not isinstance(value, bool)
+
+
+def _reaches_embedding(node: fx.Node) -> bool:
+    seen, todo = {node}, [node]
+    while todo:
+        for user in todo.pop().users:
+            name = op_name(user)
+            if name in _EMBED:
+                return True
+            if name not in _STOP and user not in seen and user.op != "output":
+                seen.add(user)
+                todo.append(user)
+    return False
