@@ -6,13 +6,13 @@ from .backend import ToCaBackend
 from .errors import ToCaWarning
 from .config import ToCaConfig
 from .explain import Report, explain
-from .pipeline import enable
+from .pipeline import disable, enable
 from .policies.fora import FORAPolicy
 from .policies.learned import Router
 
 toca_backend = ToCaBackend()
 
 __all__ = [
-    "FORAPolicy", "Report", "Router", "ToCaBackend", "ToCaConfig", "ToCaWarning", "enable", "explain",
+    "FORAPolicy", "Report", "Router", "ToCaBackend", "ToCaConfig", "ToCaWarning", "disable", "enable", "explain",
     "toca_backend",
 ]

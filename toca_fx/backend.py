@@ -6,6 +6,7 @@ cache state. A graph without branches compiles as plain Inductor would, with one
 """
 from __future__ import annotations
 
+import sys
 import warnings
 from dataclasses import replace
 from typing import Any, Callable
@@ -40,7 +41,10 @@ class ToCaBackend:
 
     def reset(self, num_steps: int | None = None) -> None:
         """Start a new generation at the next call of every model, of `num_steps` steps if given (else as
-        many as before); free the caches of the models and shapes not called since the last reset."""
+        many as before); free the caches of the models and shapes not called since the last reset.
+        `torch._dynamo.reset()` calls this too, to drop compiled code: that call changes nothing here."""
+        if _from_dynamo_reset():
+            return
         if num_steps is not None:
             self.config = replace(self.config, num_steps=num_steps)  # validated as the config's field
         self.runtime.reset(num_steps)
@@ -95,3 +99,16 @@ def _dynamic_inputs(gm: fx.GraphModule) -> str:
         ):
             names.append(node.name)
     return ", ".join(names)
+
+
+def _from_dynamo_reset() -> bool:
+    """Whether `reset()` was called by `torch._dynamo.reset()` (through torch.compile's wrapper of the
+    backend): a reset of compiled code, not of a generation, so no schedule may shift."""
+    frame = sys._getframe(2)
+    for _ in range(3):
+        if frame is None:
+            return False
+        if frame.f_code.co_name == "_reset_guarded_backend_cache" and frame.f_globals.get("__name__", "").startswith("torch._dynamo"):
+            return True
+        frame = frame.f_back
+    return False

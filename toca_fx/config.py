@@ -1,7 +1,9 @@
 """`ToCaConfig`: every setting of the backend, validated when it is made."""
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+import math
+import numbers
+from dataclasses import dataclass, fields, replace
 from functools import partial
 from typing import Any, Mapping
 
@@ -112,7 +114,11 @@ class ToCaConfig:
 
 
 def _validate(c: ToCaConfig) -> None:
-    """Every field checked; weights made sorted pairs (hashable, order-free)."""
+    """Every field checked; numbers of any numeric type (numpy's too) made Python numbers, weights
+    sorted pairs (hashable, order-free)."""
+    for f in fields(c):
+        if f.name != "policy":
+            object.__setattr__(c, f.name, _python_numbers(getattr(c, f.name)))
     object.__setattr__(c, "scores", _pairs(c.scores, "scores", SCORES))
     object.__setattr__(c, "kind_factors", _pairs(c.kind_factors, "kind_factors", BRANCH_KINDS))
     _check(_is_int(c.interval) and c.interval >= 1, "interval", "an int >= 1", c.interval)
@@ -155,7 +161,7 @@ def _validate(c: ToCaConfig) -> None:
     for name in ("depth_factors", "step_factors"):
         value = getattr(c, name)
         ok = isinstance(value, tuple) and len(value) == 2 and all(_is_number(v) for v in value)
-        _check(ok, name, "a (first, last) pair of numbers", value)
+        _check(ok, name, "a (first, last) pair of finite numbers", value)
     _check(_is_int(c.full_last) and c.full_last >= 0, "full_last", "an int >= 0", c.full_last)
     for name in ("depth_levels", "step_levels"):
         value = getattr(c, name)
@@ -187,9 +193,19 @@ def _pairs(value: Any, field: str, names: tuple[str, ...]) -> tuple[tuple[str, f
     return pairs
 
 
+def _python_numbers(value: Any) -> Any:
+    """`value` with numpy (or other numeric) scalars, also inside tuples, as Python ints and floats."""
+    if isinstance(value, tuple):
+        return tuple(_python_numbers(v) for v in value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or type(value) in (int, float):
+        return value
+    return int(value) if isinstance(value, numbers.Integral) else float(value)
+
+
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A finite int or float: nan and inf fail every range check later, or worse, pass it."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

@@ -15,6 +15,7 @@ import torch
 import torch.fx as fx
 from torch._guards import detect_fake_mode
 from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,12 @@ class TensorMeta:
         """A tensor with this metadata (a fake one under a FakeTensorMode)."""
         t = torch.empty_strided(self.shape, self.stride, dtype=self.dtype, device=self.device)
         return torch.nn.Parameter(t, self.requires_grad) if self.parameter else t.requires_grad_(self.requires_grad)
+
+
+def new_fake_mode() -> FakeTensorMode:
+    """A fake-tensor mode with a shape environment of its own: a data-dependent number (the `.item()`
+    of a float timestep) becomes a symbol instead of an error."""
+    return FakeTensorMode(shape_env=ShapeEnv())
 
 
 def metas_of(values: list[Any]) -> list[Any]:

@@ -5,7 +5,9 @@ Matches: a graph input that is not a parameter, holds at most a handful of numbe
 embedding every DiT starts with. Class labels go through an embedding lookup and latents through a
 patch embedding (a matmul or convolution), so neither matches; a guidance-strength input embedded the
 same way (FLUX) matches too, and is harmless: it stays constant through a generation.
-Produces: the positions of those inputs among the graph's placeholders.
+Produces: the positions of those inputs among the graph's placeholders. A graph Dynamo made for one
+Python-number timestep (it specialises a number on its first call) has the number baked in instead:
+`timestep_constants` reads it off the tensor the graph builds from it.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from .graphs import op_name
 
 _MAX_NUMEL = 64  # a timestep is one number per sample at most
 _EMBED = {"sin", "cos"}
+_FROM_NUMBER = {"tensor", "scalar_tensor", "full"}
 _STOP = {"linear", "matmul", "bmm", "mm", "addmm", "einsum", "conv1d", "conv2d", "conv3d", "embedding",
          "scaled_dot_product_attention"}
 
@@ -27,6 +30,13 @@ def timestep_inputs(graph: fx.Graph, example_inputs: list[Any]) -> list[int]:
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     return [i for i, (node, value) in enumerate(zip(placeholders, example_inputs))
             if _small(value) and _reaches_embedding(node)]
+
+
+def timestep_constants(graph: fx.Graph) -> tuple[float, ...]:
+    """The numbers a graph fills tensors with from nothing (`torch.full`, `torch.tensor`) that then
+    reach a sine or cosine: a timestep Dynamo specialised as a constant."""
+    return tuple(float(n.args[1] if op_name(n) == "full" else n.args[0]) for n in graph.nodes
+                 if n.op == "call_function" and _constant_number(n) and _reaches_embedding(n))
 
 
 def parameter_inputs(example_inputs: list[Any]) -> list[int]:
@@ -41,6 +51,12 @@ def _small(value: Any) -> bool:
     if isinstance(value, torch.Tensor):
         return value.dim() <= 1 and value.numel() <= _MAX_NUMEL and not value.dtype.is_complex and value.dtype != torch.bool
     return isinstance(value, (int, float, torch.SymInt, torch.SymFloat)) and not isinstance(value, bool)
+
+
+def _constant_number(node: fx.Node) -> bool:
+    name = op_name(node)
+    value = node.args[1] if name == "full" and len(node.args) > 1 else node.args[0] if name in _FROM_NUMBER and node.args else None
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _reaches_embedding(node: fx.Node) -> bool:

@@ -29,9 +29,8 @@ import torch
 import torch.fx as fx
 from torch._guards import TracingContext, tracing
 from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
-from ..analysis.fake import FakeRun, fakes, metas_of
+from ..analysis.fake import FakeRun, fakes, metas_of, new_fake_mode
 
 _MARKED = "unsafe_marked_cacheable_functions"
 PERSISTENT_ROWS = 4096  # Inductor's own limit is 1024
@@ -44,9 +43,9 @@ def compile_inductor(gm: fx.GraphModule, inputs: list[Any], patches: dict[str, A
     `inputs`: tensors or `TensorMeta`s, and other values as they are; only tensors' metadata is read."""
     from torch._inductor.compile_fx import compile_fx
 
-    fake_mode = FakeTensorMode(shape_env=ShapeEnv())
+    fake_mode = new_fake_mode()
     metas = metas_of(inputs)
-    gm = _with_example_values(gm, metas, FakeTensorMode(shape_env=ShapeEnv()))  # its own: unbacked symbols (item()) stay there
+    gm = _with_example_values(gm, metas, new_fake_mode())  # its own: unbacked symbols (item()) stay there
     marked = {**patches.get(_MARKED, torch._inductor.config.unsafe_marked_cacheable_functions), **_toca_functions(gm)}
     if wide_rows:
         marked[_ROWS_KEY] = str(PERSISTENT_ROWS)

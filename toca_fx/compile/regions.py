@@ -43,7 +43,7 @@ from torch.fx.node import _get_qualified_name, map_arg
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.multiprocessing.reductions import StorageWeakRef
 
-from ..analysis.fake import FakeRun, TensorMeta, fakes
+from ..analysis.fake import FakeRun, TensorMeta, fakes, new_fake_mode
 from ..analysis.graphs import ancestors, op_name
 from ..analysis.marks import on_stream, stream_marks
 from ..analysis.rules import POINTWISE
@@ -76,7 +76,7 @@ def compile_regions(
     if cut is None:
         return None
     metas, aliases = _leaves(gm, inputs)
-    fake_mode = FakeTensorMode()
+    fake_mode = new_fake_mode()
     held = [set(nodes) for nodes in cut]
     placed = set().union(*held)
     output = next(n for n in gm.graph.nodes if n.op == "output")

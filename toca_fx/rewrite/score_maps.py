@@ -11,12 +11,14 @@ Produces: nodes that fill the [N] map buffers on full steps (`fill_maps`) and th
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch.fx as fx
 
 from ..analysis.residual import Analysis, Branch
 from ..analysis.axes import Axes
 from ..analysis.graphs import op_name, positions, shape
+from ..errors import ToCaWarning
 from ..ops.scores import attention_influence, cross_entropy, entropy_from_map, influence_from_map
 
 _SDPA = "scaled_dot_product_attention"
@@ -88,6 +90,15 @@ def token_grid(graph: fx.Graph, tokens: int, given: tuple[int, ...] | None) -> t
     convolution with `tokens` outputs, else a square; None if none fits."""
     if given is not None and math.prod(given) == tokens:
         return given
+    found = _inferred_grid(graph, tokens)
+    if given is not None:
+        warnings.warn(f"toca_fx: ToCaConfig.grid {given} holds {math.prod(given)} tokens, not the {tokens} of a "
+                      f"cached stream; its spatial score uses {found if found else 'no grid'} (found in the graph)",
+                      ToCaWarning, stacklevel=2)
+    return found
+
+
+def _inferred_grid(graph: fx.Graph, tokens: int) -> tuple[int, ...] | None:
     for node in graph.nodes:
         out = shape(node)
         if op_name(node) in _CONVS and out is not None and len(out) in (4, 5) and math.prod(out[2:]) == tokens:

@@ -17,7 +17,7 @@ import torch.fx as fx
 
 from ..analysis.marks import mark_stream, tag_branch
 from ..analysis.residual import Analysis
-from ..analysis.timestep import parameter_inputs, timestep_inputs
+from ..analysis.timestep import parameter_inputs, timestep_constants, timestep_inputs
 from ..config import ToCaConfig
 from ..policies.plan import StepKind
 from ..policies.toca import ToCaPolicy
@@ -45,6 +45,7 @@ class CachedGraph:
         self.state: CacheState | None = None  # the state of the last call
         self._params = parameter_inputs(example_inputs)
         self._timesteps = timestep_inputs(gm.graph, example_inputs) if config.timestep_clock else []
+        self._constants = timestep_constants(gm.graph) if config.timestep_clock and not self._timesteps else ()
         self._flops = FlopTable()
         for branch in analysis.branches:
             tag_branch(branch.index, branch.nodes)
@@ -102,24 +103,25 @@ class CachedGraph:
         owner = self._owner(args)
         state = self.runtime.state(owner, self.layout)
         self.state = state
-        clock = self.runtime.clock(owner) if self._timesteps else self.runtime.current_clock()
+        reads = self._timesteps or self._constants
+        clock = self.runtime.clock(owner) if reads else self.runtime.current_clock()
         if clock is None or not self.config.timestep_clock:
             if self.config.timestep_clock:
-                    self.runtime.warn_once("no clock", "toca_fx: no input of the compiled model carries its timestep "
+                self.runtime.warn_once("no clock", "toca_fx: no input of the compiled model carries its timestep "
                                        "(an input that reaches a sine or cosine embedding), so steps are counted by "
                                        "calls: call backend.reset() before each generation and set calls_per_step "
                                        "for guidance called in halves")
             self.runtime.called(state, None)
             tick = state.count(self.runtime.num_steps, self.config.calls_per_step)
             return state, tick, state.num_steps
-        if self._timesteps:
+        if reads:
             self._observe(clock, args)
         self.runtime.called(state, clock)
         state.generation = clock.generation
         return state, clock.tick(), clock.num_steps
 
     def _observe(self, clock: Any, args: tuple) -> None:
-        values = tuple(read_timestep(args[i]) for i in self._timesteps)
+        values = tuple(read_timestep(args[i]) for i in self._timesteps) or self._constants
         if None in values:
             self.runtime.warn_once("timestep", "toca_fx: a timestep input is empty or not finite: that call "
                                    "counts as the next step")

@@ -14,14 +14,14 @@ import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from ..analysis.fake import FakeRun, fakes
+from ..analysis.fake import FakeRun, fakes, new_fake_mode
 from ..analysis.marks import branch_of
 
 
 def graph_flops(gm: fx.GraphModule, inputs: list[Any]) -> Counter:
     """FLOPs of one call of `gm` on inputs of the given metadata (`TensorMeta`s), by owning branch
     index (None: outside every branch)."""
-    fake_mode = FakeTensorMode()
+    fake_mode = new_fake_mode()
     args = fakes(inputs, fake_mode)
     with torch.no_grad(), fake_mode, FlopCounterMode(display=False, custom_mapping=_EXTRA) as counter:
         counting = _ByBranch(gm, fake_mode, counter)
