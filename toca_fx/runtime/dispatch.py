@@ -17,15 +17,15 @@ import torch.fx as fx
 
 from ..analysis.marks import mark_stream, tag_branch
 from ..analysis.residual import Analysis
-from ..analysis.timestep import parameter_inputs, timestep_constants, timestep_inputs
 from ..config import ToCaConfig
 from ..policies.plan import StepKind
 from ..policies.toca import ToCaPolicy
 from ..rewrite.layout import buffer_specs
-from .clock import Tick, read_timestep
+from .clock import Tick
 from .compiler import VariantCompiler
 from .planner import Planner, Step, Variant
-from .registry import Owner, Runtime
+from .locate import Locator
+from .registry import Runtime
 from .state import CacheState, Stream
 from .stats import UNCACHED, FlopTable
 
@@ -43,16 +43,15 @@ class CachedGraph:
         self.calls: Counter = Counter()  # step label -> calls
         self.plan_calls: Counter = Counter()  # variant id -> calls
         self.state: CacheState | None = None  # the state of the last call
-        self._params = parameter_inputs(example_inputs)
-        self._timesteps = timestep_inputs(gm.graph, example_inputs) if config.timestep_clock else []
-        self._constants = timestep_constants(gm.graph) if config.timestep_clock and not self._timesteps else ()
+        self.locator = Locator(gm.graph, example_inputs, runtime, config.timestep_clock, config.calls_per_step)
         self._flops = FlopTable()
         for branch in analysis.branches:
             tag_branch(branch.index, branch.nodes)
         mark_stream([b.add for b in analysis.branches], analysis.branches[0].stream)
 
     def __call__(self, *args: Any) -> Any:
-        state, tick, num_steps = self._where(args)
+        state, tick, num_steps = self.locator.locate(args, self.layout, self)
+        self.state = state
         stream = state.stream(tick.stream)
         label, variant = self._step(tick, stream, num_steps)
         if variant.fn is None:
@@ -98,40 +97,6 @@ class CachedGraph:
         """Theoretical FLOPs of one call of the step labelled `label` ("uncached" for the original)."""
         return self.flops[UNCACHED] if label == UNCACHED else self.flops[self._first_of(label).key]
 
-    def _where(self, args: tuple) -> tuple[CacheState, Tick, int]:
-        """The state of this call's owner, the call's place, and the steps planned for its generation."""
-        owner = self._owner(args)
-        state = self.runtime.state(owner, self.layout)
-        self.state = state
-        reads = self._timesteps or self._constants
-        clock = self.runtime.clock(owner) if reads else self.runtime.current_clock()
-        if clock is None or not self.config.timestep_clock:
-            if self.config.timestep_clock:
-                self.runtime.warn_once("no clock", "toca_fx: no input of the compiled model carries its timestep "
-                                       "(an input that reaches a sine or cosine embedding), so steps are counted by "
-                                       "calls: call backend.reset() before each generation and set calls_per_step "
-                                       "for guidance called in halves")
-            self.runtime.called(state, None)
-            tick = state.count(self.runtime.num_steps, self.config.calls_per_step)
-            return state, tick, state.num_steps
-        if reads:
-            self._observe(clock, args)
-        self.runtime.called(state, clock)
-        state.generation = clock.generation
-        return state, clock.tick(), clock.num_steps
-
-    def _observe(self, clock: Any, args: tuple) -> None:
-        values = tuple(read_timestep(args[i]) for i in self._timesteps) or self._constants
-        if None in values:
-            self.runtime.warn_once("timestep", "toca_fx: a timestep input is empty or not finite: that call "
-                                   "counts as the next step")
-            values = tuple(v if v is not None else -float("inf") for v in values)
-        # A generation that ended before its planned steps by the inputs' say, not by a reset.
-        steps = clock.step + 1 if clock.last is not None else 0
-        planned = clock.num_steps
-        if clock.observe(values):
-            self.runtime.started(clock, steps, planned)
-
     def _step(self, tick: Tick, stream: Stream, num_steps: int) -> Step:
         steps = self.planner.generation(num_steps)
         if tick.step >= len(steps):
@@ -144,12 +109,6 @@ class CachedGraph:
                                    "parameters used twice in one step) filled every cache (computed in full)")
             return self.planner.fill_all()
         return steps[tick.step]
-
-    def _owner(self, args: tuple) -> Owner:
-        if not self._params:
-            return Owner((id(self),), self)
-        first, last = args[self._params[0]], args[self._params[-1]]
-        return Owner((id(first), id(last)), first)
 
     def _compile(self, variant: Variant, args: tuple, state: CacheState, stream: Stream, num_steps: int) -> None:
         if self._flops.example is None:  # shapes only, for counting FLOPs on demand (buffers as allocated)
