@@ -1,9 +1,13 @@
 """Tiny diffusers transformers with random weights (nothing is downloaded), and the inputs of a
 denoising-like loop for each: the latent drifts a little each step, the timestep counts down, the
-conditions stay fixed. Shared by the diffusers, explain, CFG and shape tests."""
+conditions stay fixed.
+
+`ZOO` holds every DiT-style transformer class of the installed diffusers that the zoo test runs;
+`BUILDERS` the few that the diffusers, explain, CFG and shape tests run in depth."""
 from __future__ import annotations
 
-from typing import Callable
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import pytest
 import torch
@@ -11,121 +15,165 @@ import torch
 diffusers = pytest.importorskip("diffusers")
 
 HEADS = dict(num_attention_heads=2, attention_head_dim=16)  # hidden size 32
+Randn = Callable[..., torch.Tensor]
 
 
-def dit() -> torch.nn.Module:
-    # 1000 classes: DiTPipeline's unconditional label is class 1000.
-    return diffusers.DiTTransformer2DModel(
-        **HEADS, in_channels=4, out_channels=8, num_layers=2, sample_size=8, patch_size=2,
-        num_embeds_ada_norm=1000, norm_num_groups=1,
-    )
+@dataclass(frozen=True)
+class Spec:
+    """`make()` builds the model; `conditions(batch, size, randn)` gives every keyword argument of a
+    call but the timestep, the latent under `latent`; `time(t, dtype)` turns a float timestep in
+    [0, 1000) into what the class's pipeline passes."""
+
+    make: Callable[[], torch.nn.Module]
+    conditions: Callable[[int, int, Randn], dict[str, Any]]
+    latent: str = "hidden_states"
+    time_key: str = "timestep"
+    time: Callable[[torch.Tensor, torch.dtype], torch.Tensor] = lambda t, dtype: t.long()
 
 
-def pixart() -> torch.nn.Module:
-    return diffusers.PixArtTransformer2DModel(
-        **HEADS, in_channels=4, out_channels=8, num_layers=2, cross_attention_dim=32, sample_size=8,
-        patch_size=2, caption_channels=24, use_additional_conditions=False, norm_num_groups=1,
-    )
+def _make(cls_name: str, **config: Any) -> Callable[[], torch.nn.Module]:
+    return lambda: getattr(diffusers, cls_name)(**config)
 
 
-def sd3() -> torch.nn.Module:
-    return diffusers.SD3Transformer2DModel(
-        **HEADS, sample_size=8, patch_size=2, in_channels=4, num_layers=2, joint_attention_dim=24,
-        caption_projection_dim=32, pooled_projection_dim=16, out_channels=4, pos_embed_max_size=8,
-    )
+def _image(channels: int) -> Callable[[int, int, Randn], dict]:
+    return lambda b, s, randn: {"hidden_states": randn(b, channels, s, s)}
 
 
-def flux() -> torch.nn.Module:
-    return diffusers.FluxTransformer2DModel(
-        **HEADS, patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, joint_attention_dim=24,
-        pooled_projection_dim=16, axes_dims_rope=(4, 6, 6),
-    )
+def _with(base: Callable[[int, int, Randn], dict], extra: Callable[[int, int, Randn], dict]) -> Callable:
+    return lambda b, s, randn: {**base(b, s, randn), **extra(b, s, randn)}
 
 
-def cogvideox() -> torch.nn.Module:
-    return diffusers.CogVideoXTransformer3DModel(
-        **HEADS, in_channels=4, out_channels=4, time_embed_dim=32, text_embed_dim=24, num_layers=2,
-        sample_width=8, sample_height=8, sample_frames=5, patch_size=2, temporal_compression_ratio=4,
-        max_text_seq_length=5,
-    )
+def _text(length: int = 5, dim: int = 24, key: str = "encoder_hidden_states") -> Callable:
+    return lambda b, s, randn: {key: randn(b, length, dim)}
 
 
-def ltx() -> torch.nn.Module:
-    return diffusers.LTXVideoTransformer3DModel(
-        **HEADS, in_channels=8, out_channels=8, cross_attention_dim=32, num_layers=2, caption_channels=24,
-    )
+def _flux_ids(b: int, s: int, randn: Randn) -> dict:
+    side = s // 2
+    img_ids = torch.zeros(side * side, 3)
+    img_ids[:, 1], img_ids[:, 2] = torch.arange(side * side) // side, torch.arange(side * side) % side
+    return {"hidden_states": randn(b, side * side, 16), "img_ids": img_ids, "txt_ids": torch.zeros(5, 3)}
 
 
-def hunyuan() -> torch.nn.Module:
-    # 4 layers: the last one takes the long skip connection from the first.
-    return diffusers.HunyuanDiT2DModel(
-        **HEADS, in_channels=4, patch_size=2, sample_size=8, hidden_size=32, num_layers=4,
-        cross_attention_dim=32, cross_attention_dim_t5=24, pooled_projection_dim=16, text_len=5,
-        text_len_t5=6, use_style_cond_and_image_meta_size=False,
-    )
+def _hunyuan(b: int, s: int, randn: Randn) -> dict:
+    from diffusers.models.embeddings import get_2d_rotary_pos_embed
 
+    side = s // 2
+    rope = get_2d_rotary_pos_embed(16, ((0, 0), (side, side)), (side, side))
+    return {
+        "hidden_states": randn(b, 4, s, s),
+        "encoder_hidden_states": randn(b, 5, 32), "text_embedding_mask": torch.ones(b, 5),
+        "encoder_hidden_states_t5": randn(b, 6, 24), "text_embedding_mask_t5": torch.ones(b, 6),
+        "image_rotary_emb": tuple(r.to(randn(1).dtype) for r in rope),
+    }
+
+
+def _ltx(b: int, s: int, randn: Randn) -> dict:
+    side = s // 2
+    return {"hidden_states": randn(b, 2 * side * side, 8), "encoder_hidden_states": randn(b, 5, 24),
+            "encoder_attention_mask": torch.ones(b, 5), "num_frames": 2, "height": side, "width": side}
+
+
+def _qwen(b: int, s: int, randn: Randn) -> dict:
+    side = s // 2
+    return {"hidden_states": randn(b, side * side, 16), "encoder_hidden_states": randn(b, 5, 24),
+            "encoder_hidden_states_mask": torch.ones(b, 5), "img_shapes": [(1, side, side)] * b}
+
+
+def _zimage(b: int, s: int, randn: Randn) -> dict:
+    return {"x": [randn(16, 1, s, s) for _ in range(b)], "cap_feats": [randn(8, 24) for _ in range(b)]}
+
+
+def _cogview4(b: int, s: int, randn: Randn) -> dict:
+    size = torch.tensor([[8 * s, 8 * s]] * b)
+    return {"hidden_states": randn(b, 4, s, s), "encoder_hidden_states": randn(b, 6, 24),
+            "original_size": size, "target_size": size, "crop_coords": torch.zeros(b, 2)}
+
+
+_DIT_LIKE = dict(num_layers=2, sample_size=8, patch_size=2, norm_num_groups=1)
+_HALF = lambda t, dtype: t / 1000  # noqa: E731  flow-matching pipelines pass the timestep in [0, 1)
+
+ZOO: dict[str, Spec] = {
+    "dit": Spec(  # 1000 classes: DiTPipeline's unconditional label is class 1000
+        _make("DiTTransformer2DModel", **HEADS, **_DIT_LIKE, in_channels=4, out_channels=8, num_embeds_ada_norm=1000),
+        _with(_image(4), lambda b, s, randn: {"class_labels": torch.arange(b) % 10})),
+    "pixart": Spec(
+        _make("PixArtTransformer2DModel", **HEADS, **_DIT_LIKE, in_channels=4, out_channels=8, cross_attention_dim=32,
+              caption_channels=24, use_additional_conditions=False),
+        _with(_with(_image(4), _text()),
+              lambda b, s, randn: {"added_cond_kwargs": {"resolution": None, "aspect_ratio": None}})),
+    "sd3": Spec(
+        _make("SD3Transformer2DModel", **HEADS, sample_size=8, patch_size=2, in_channels=4, num_layers=2,
+              joint_attention_dim=24, caption_projection_dim=32, pooled_projection_dim=16, out_channels=4,
+              pos_embed_max_size=8),
+        _with(_with(_image(4), _text()), lambda b, s, randn: {"pooled_projections": randn(b, 16)})),
+    "flux": Spec(
+        _make("FluxTransformer2DModel", **HEADS, patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+              joint_attention_dim=24, pooled_projection_dim=16, axes_dims_rope=(4, 6, 6)),
+        _with(_with(_flux_ids, _text()), lambda b, s, randn: {"pooled_projections": randn(b, 16)}), time=_HALF),
+    "cogvideox": Spec(
+        _make("CogVideoXTransformer3DModel", **HEADS, in_channels=4, out_channels=4, time_embed_dim=32,
+              text_embed_dim=24, num_layers=2, sample_width=8, sample_height=8, sample_frames=5, patch_size=2,
+              temporal_compression_ratio=4, max_text_seq_length=5),
+        _with(lambda b, s, randn: {"hidden_states": randn(b, 2, 4, s, s)}, _text())),
+    "ltx": Spec(
+        _make("LTXVideoTransformer3DModel", **HEADS, in_channels=8, out_channels=8, cross_attention_dim=32,
+              num_layers=2, caption_channels=24),
+        _ltx),
+    "hunyuan": Spec(  # 4 layers: the last one takes the long skip connection from the first
+        _make("HunyuanDiT2DModel", **HEADS, in_channels=4, patch_size=2, sample_size=8, hidden_size=32, num_layers=4,
+              cross_attention_dim=32, cross_attention_dim_t5=24, pooled_projection_dim=16, text_len=5, text_len_t5=6,
+              use_style_cond_and_image_meta_size=False),
+        _hunyuan, time=lambda t, dtype: t.to(dtype)),
+    "wan": Spec(
+        _make("WanTransformer3DModel", **HEADS, patch_size=(1, 2, 2), in_channels=4, out_channels=4, text_dim=24,
+              freq_dim=32, ffn_dim=64, num_layers=2, rope_max_seq_len=32),
+        _with(lambda b, s, randn: {"hidden_states": randn(b, 4, 2, s, s)}, _text())),
+    "qwenimage": Spec(
+        _make("QwenImageTransformer2DModel", **HEADS, patch_size=2, in_channels=16, out_channels=4, num_layers=2,
+              joint_attention_dim=24, axes_dims_rope=(4, 6, 6)),
+        _qwen, time=_HALF),
+    "lumina2": Spec(
+        _make("Lumina2Transformer2DModel", sample_size=8, patch_size=2, in_channels=4, hidden_size=32, num_layers=2,
+              num_refiner_layers=1, num_attention_heads=2, num_kv_heads=1, multiple_of=16, axes_dim_rope=(4, 6, 6),
+              axes_lens=(32, 32, 32), cap_feat_dim=24),
+        _with(_with(_image(4), _text()), lambda b, s, randn: {"encoder_attention_mask": torch.ones(b, 5, dtype=torch.bool)}),
+        time=_HALF),
+    "zimage": Spec(
+        _make("ZImageTransformer2DModel", all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=32,
+              n_layers=2, n_refiner_layers=1, n_heads=2, n_kv_heads=2, cap_feat_dim=24, axes_dims=[4, 6, 6],
+              axes_lens=[32, 32, 32]),
+        _zimage, latent="x", time_key="t", time=_HALF),
+    "cogview4": Spec(
+        _make("CogView4Transformer2DModel", **HEADS, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
+              text_embed_dim=24, time_embed_dim=32, condition_dim=8, rope_axes_dim=(8, 8)),
+        _cogview4),
+}
 
 BUILDERS: dict[str, Callable[[], torch.nn.Module]] = {
-    "dit": dit, "pixart": pixart, "sd3": sd3, "flux": flux, "cogvideox": cogvideox, "ltx": ltx, "hunyuan": hunyuan,
+    name: ZOO[name].make for name in ("dit", "pixart", "sd3", "flux", "cogvideox", "ltx", "hunyuan")
 }
 
 
 def build(name: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     torch.manual_seed(seed)
-    model = BUILDERS[name]().eval()
+    model = ZOO[name].make().eval()
     return model if dtype == torch.float32 else model.to(dtype)
 
 
 def loop_inputs(name: str, steps: int, batch: int = 2, size: int = 8, seed: int = 1,
                 dtype: torch.dtype = torch.float32) -> list[dict]:
     """Keyword arguments of `steps` calls; `size` is the latent's height and width."""
-    g = torch.Generator().manual_seed(seed)
+    spec, g = ZOO[name], torch.Generator().manual_seed(seed)
 
     def randn(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=g).to(dtype)
 
-    latent_shape, fixed = _conditions(name, batch, size, randn, dtype)
-    x, drift = randn(*latent_shape), randn(*latent_shape)
+    fixed = spec.conditions(batch, size, randn)
+    x = fixed.pop(spec.latent)
+    drift = [randn(*t.shape) for t in x] if isinstance(x, list) else randn(*x.shape)
     calls = []
     for i in range(steps):
-        t = torch.full((batch,), 999.0 - 20 * i)
-        t = {"flux": t / 1000, "hunyuan": t.to(dtype)}.get(name, t.long())  # as their pipelines pass it
-        calls.append({"hidden_states": x + 0.05 * i * drift, "timestep": t, "return_dict": False, **fixed})
+        t = spec.time(torch.full((batch,), 999.0 - 20 * i), dtype)
+        latent = ([a + 0.05 * i * d for a, d in zip(x, drift)] if isinstance(x, list) else x + 0.05 * i * drift)
+        calls.append({spec.latent: latent, spec.time_key: t, "return_dict": False, **fixed})
     return calls
-
-
-def _conditions(name: str, batch: int, size: int, randn: Callable, dtype: torch.dtype) -> tuple[tuple, dict]:
-    text = randn(batch, 5, 24)
-    if name == "dit":
-        return (batch, 4, size, size), {"class_labels": torch.arange(batch) % 10}
-    if name == "pixart":
-        return (batch, 4, size, size), {
-            "encoder_hidden_states": text, "added_cond_kwargs": {"resolution": None, "aspect_ratio": None}
-        }
-    if name == "sd3":
-        return (batch, 4, size, size), {"encoder_hidden_states": text, "pooled_projections": randn(batch, 16)}
-    if name == "flux":
-        side = size // 2
-        img_ids = torch.zeros(side * side, 3)
-        img_ids[:, 1], img_ids[:, 2] = torch.arange(side * side) // side, torch.arange(side * side) % side
-        return (batch, side * side, 16), {
-            "encoder_hidden_states": text, "pooled_projections": randn(batch, 16),
-            "img_ids": img_ids, "txt_ids": torch.zeros(5, 3),
-        }
-    if name == "cogvideox":
-        return (batch, 2, 4, size, size), {"encoder_hidden_states": text}
-    if name == "ltx":
-        side = size // 2
-        return (batch, 2 * side * side, 8), {
-            "encoder_hidden_states": text, "encoder_attention_mask": torch.ones(batch, 5),
-            "num_frames": 2, "height": side, "width": side,
-        }
-    from diffusers.models.embeddings import get_2d_rotary_pos_embed
-
-    side = size // 2
-    rope = get_2d_rotary_pos_embed(16, ((0, 0), (side, side)), (side, side))
-    return (batch, 4, size, size), {
-        "encoder_hidden_states": randn(batch, 5, 32), "text_embedding_mask": torch.ones(batch, 5),
-        "encoder_hidden_states_t5": randn(batch, 6, 24), "text_embedding_mask_t5": torch.ones(batch, 6),
-        "image_rotary_emb": tuple(r.to(dtype) for r in rope),
-    }
