@@ -29,6 +29,7 @@ class Spec:
     latent: str = "hidden_states"
     time_key: str = "timestep"
     time: Callable[[torch.Tensor, torch.dtype], torch.Tensor] = lambda t, dtype: t.long()
+    branches: int = 0  # the residual branches the backend caches
 
 
 def _make(cls_name: str, **config: Any) -> Callable[[], torch.nn.Module]:
@@ -141,7 +142,7 @@ ZOO: dict[str, Spec] = {
     "zimage": Spec(
         _make("ZImageTransformer2DModel", all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=32,
               n_layers=2, n_refiner_layers=1, n_heads=2, n_kv_heads=2, cap_feat_dim=24, axes_dims=[4, 6, 6],
-              axes_lens=[32, 32, 32]),
+              axes_lens=[64, 32, 32]),
         _zimage, latent="x", time_key="t", time=_HALF),
     "cogview4": Spec(
         _make("CogView4Transformer2DModel", **HEADS, patch_size=2, in_channels=4, out_channels=4, num_layers=2,

@@ -11,16 +11,17 @@ from typing import Callable
 import torch.fx as fx
 
 from ..axes import Info, TokenFlow
-from .attention import _matmul, _sdpa
-from .compute import _layer_norm, _linear, _reduce, _rms_norm, _softmax, pointwise
-from .indexing import _getitem, index_items, index_slot
-from .layout import _cat, _expand, _permute, _reshape_like, _split, _transpose, _unbind
+from .attention import _einsum, _matmul, _sdpa
+from .compute import (_dtype_from, _fresh_like, _layer_norm, _linear, _reduce, _repeat_interleave, _rms_norm,
+                      _softmax, pointwise)
+from .indexing import _getitem, _setitem, index_items, index_slot
+from .layout import _cat, _expand, _movedim, _permute, _reshape_like, _split, _transpose, _unbind
 
 __all__ = ["POINTWISE", "RULES", "index_items", "index_slot", "pointwise"]
 
 POINTWISE = frozenset(
     """add sub mul truediv div floordiv neg pow exp log sqrt rsqrt tanh sigmoid silu gelu relu
-    float half bfloat16 to type_as contiguous clone dropout sin cos abs clamp clamp_min clamp_max
+    float half bfloat16 double to type_as contiguous clone dropout sin cos abs clamp clamp_min clamp_max
     where masked_fill leaky_relu softplus erf rsub iadd imul isub itruediv square reciprocal mish
     hardswish hardtanh elu selu detach lerp addcmul sign size dim""".split()
 )
@@ -58,5 +59,15 @@ RULES: dict[str, Callable[[fx.Node, TokenFlow], Info]] = {
     "matmul": _matmul,
     "bmm": _matmul,
     "scaled_dot_product_attention": _sdpa,
+    "einsum": _einsum,
+    "type_as": _dtype_from,
+    "to": _dtype_from,
+    "view_as_complex": _reshape_like,
+    "view_as_real": _reshape_like,
+    "movedim": _movedim,
+    "moveaxis": _movedim,
+    "repeat_interleave": _repeat_interleave,
+    "setitem": _setitem,
+    **{name: _fresh_like for name in ("empty_like", "zeros_like", "ones_like", "full_like")},
 }
 

@@ -41,7 +41,7 @@ def _sdpa(node: fx.Node, flow: TokenFlow) -> Info:
         raise NotTokenLocal(f"causal attention ({node.name}) cannot recompute a subset of queries")
     mask = arg(node, 3, "attn_mask")
     if isinstance(mask, fx.Node):
-        check_external(node, mask, iq, shape(node), flow)
+        check_external(node, mask, iq, len(shape(node)), flow)
     if isinstance(ik, Axes) and ik == iv and ik.tok == ndim - 2 and ik.key is None:
         flow.full_inputs[node] = (k, v)
         flow.self_attention.append(node)
@@ -53,3 +53,54 @@ def _sdpa(node: fx.Node, flow: TokenFlow) -> Info:
     else:
         raise NotTokenLocal(f"attention ({node.name}) with keys and values of different origins")
     return iq
+
+
+def _einsum(node: fx.Node, flow: TokenFlow) -> Info:
+    """`einsum` with an explicit output: per token (the token letter kept, externals constant along it
+    or indexed by it), an attention map (queries' and keys' token letters both kept: first operand
+    queries), or a map times values (the map's key letter summed against the values' token letter)."""
+    subs, out, operands = _einsum_terms(node)
+    tracked = [(s, info_of(flow, o), o) for s, o in zip(subs, operands) if info_of(flow, o) is not None]
+    if not tracked or any(not isinstance(i, Axes) for _, i, _ in tracked):
+        raise NotTokenLocal(f"einsum ({node.name}) of a value the pass does not track")
+    letters = [(s[i.tok], None if i.key is None else s[i.key]) for s, i, _ in tracked]
+    if len(tracked) == 2 and letters[0][1] is None and letters[1][1] is None and letters[0][0] != letters[1][0]:
+        return _einsum_map(node, flow, tracked, out)
+    if len(tracked) == 2 and letters[0][1] is not None and letters[0][1] == letters[1][0] and letters[1][1] is None:
+        (_, info, _), (_, _, values) = tracked
+        if letters[0][0] in out and letters[0][1] not in out:
+            flow.full_inputs[node] = (values,)
+            return replace(info, tok=out.index(letters[0][0]), key=None)
+    tok, key = letters[0]
+    if len(set(letters)) != 1 or tok not in out or (key is not None and key not in out):
+        raise NotTokenLocal(f"einsum ({node.name}) contracts or mixes the token axis")
+    info = tracked[0][1]
+    for s, o in zip(subs, operands):
+        if info_of(flow, o) is None and tok in s and shape(o)[s.index(tok)] != 1:
+            rows = Axes(s.index(tok), start=info.start, extra=info.extra)
+            if flow.external_rows.setdefault(o, rows) != rows:
+                raise NotTokenLocal(f"{o.name} is indexed by token along two different axes")
+    return replace(info, tok=out.index(tok), key=None if key is None else out.index(key))
+
+
+def _einsum_terms(node: fx.Node) -> tuple[list[str], str, list]:
+    equation, operands = node.args[0], list(node.args[1:])
+    if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
+        operands = list(operands[0])
+    equation = equation.replace(" ", "")
+    if "->" not in equation or "." in equation:
+        raise NotTokenLocal(f"einsum ({node.name}) with an implicit output or an ellipsis")
+    inputs, out = equation.split("->")
+    return inputs.split(","), out, operands
+
+
+def _einsum_map(node: fx.Node, flow: TokenFlow, tracked: list, out: str) -> Info:
+    (sq, iq, _), (sk, ik, keys) = tracked
+    query, key = sq[iq.tok], sk[ik.tok]
+    if query not in out or key not in out:
+        raise NotTokenLocal(f"einsum ({node.name}) sums over a token axis")
+    flow.full_inputs[node] = (keys,)
+    flow.self_attention.append(node)
+    if iq.extra or ik.extra:
+        flow.joint_attention.append(node)
+    return replace(iq, tok=out.index(query), key=out.index(key))

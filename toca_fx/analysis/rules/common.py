@@ -61,13 +61,15 @@ def align(node: fx.Node, flow: TokenFlow) -> Axes:
     result = aligned.pop()
     for a in tensor_args(node):
         if info_of(flow, a) is None:
-            check_external(node, a, result, out, flow)
+            check_external(node, a, result, len(out), flow)
     return result
 
 
-def check_external(node: fx.Node, ext: fx.Node, axes: Axes, out: tuple[int, ...], flow: TokenFlow) -> None:
+def check_external(node: fx.Node, ext: fx.Node, axes: Axes, ndim: int, flow: TokenFlow) -> None:
+    """`ext`, from outside the branch, broadcast against a result of `ndim` axes whose tokens lie along
+    `axes`: either constant along them or indexed by token (its rows gathered with the stream's)."""
     ext_shape = shape(ext)
-    axis = axes.tok - (len(out) - len(ext_shape))
+    axis = axes.tok - (ndim - len(ext_shape))
     if axis < 0 or ext_shape[axis] == 1:
         return
     rows = Axes(axis, start=axes.start, extra=axes.extra)

@@ -62,3 +62,28 @@ def _linear(node: fx.Node, flow: TokenFlow) -> Info:
         if info_of(flow, a) is not None:
             raise NotTokenLocal(f"linear ({node.name}) with a weight computed from the tokens")
     return _last_dim(node, flow)
+
+
+def _dtype_from(node: fx.Node, flow: TokenFlow) -> Info:
+    """`x.type_as(y)`, `x.to(y)`: `y` gives only its dtype (and device), so only `x`'s axes matter."""
+    axes = info_of(flow, node.args[0])
+    if axes is not None:
+        return axes
+    if shape(node) is not None and any(info_of(flow, a) is not None for a in tensor_args(node)[1:]):
+        return None  # an outside tensor cast to the stream's dtype: still outside
+    return pointwise(node, flow)
+
+
+def _fresh_like(node: fx.Node, flow: TokenFlow) -> Info:
+    """`empty_like(x)` and kin: a new tensor of x's shape, its rows independent of every token."""
+    return only_token_input(node, flow)
+
+
+def _repeat_interleave(node: fx.Node, flow: TokenFlow) -> Info:
+    """Repeats along one axis (heads, in grouped-query attention); along the token axis it would mix rows."""
+    axes = only_token_input(node, flow)
+    dim = arg(node, 2, "dim")
+    if dim is None:
+        raise NotTokenLocal(f"'repeat_interleave' ({node.name}) flattens the token axis")
+    require_untouched(node, axes, [norm_dim(dim, len(shape(node.args[0])))], "repeats along")
+    return axes

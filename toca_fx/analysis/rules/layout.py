@@ -40,6 +40,21 @@ def _transpose(node: fx.Node, flow: TokenFlow) -> Info:
     return axes.moved(lambda d: b if d == a else a if d == b else d)
 
 
+def _movedim(node: fx.Node, flow: TokenFlow) -> Info:
+    """`movedim` / `moveaxis`: the axes `source` go to `destination`, the others keep their order."""
+    axes = only_token_input(node, flow)
+    ndim = len(shape(node.args[0]))
+    source, destination = arg(node, 1, "source"), arg(node, 2, "destination")
+    source = [norm_dim(d, ndim) for d in (source if isinstance(source, (list, tuple)) else [source])]
+    destination = [norm_dim(d, ndim) for d in (destination if isinstance(destination, (list, tuple)) else [destination])]
+    order: list[int | None] = [None] * ndim
+    for s, d in zip(source, destination):
+        order[d] = s
+    rest = iter(d for d in range(ndim) if d not in source)
+    order = [next(rest) if o is None else o for o in order]
+    return axes.moved(order.index)
+
+
 def _split(node: fx.Node, flow: TokenFlow) -> Info:
     axes = only_token_input(node, flow)
     ndim = len(shape(node.args[0]))
@@ -80,7 +95,7 @@ def _cat(node: fx.Node, flow: TokenFlow) -> Info:
     if dim != axes.tok:  # other tensors joined feature-wise are indexed by token like the stream
         for t, info in zip(tensors, infos):
             if info is None:
-                check_external(node, t, axes, shape(node), flow)
+                check_external(node, t, axes, len(shape(node)), flow)
         return axes
     if len(infos) - infos.count(None) > 1:
         raise NotTokenLocal(f"'{op_name(node)}' ({node.name}) concatenates the tokens with themselves")
