@@ -15,7 +15,7 @@ from .attention import _einsum, _matmul, _sdpa
 from .compute import (_dtype_from, _fresh_like, _layer_norm, _linear, _reduce, _repeat_interleave, _rms_norm,
                       _softmax, pointwise)
 from .indexing import _getitem, _setitem, index_items, index_slot
-from .layout import _cat, _expand, _movedim, _permute, _reshape_like, _split, _transpose, _unbind
+from .layout import _cat, _expand, _movedim, _repeat, _permute, _reshape_like, _split, _transpose, _unbind
 
 __all__ = ["POINTWISE", "RULES", "index_items", "index_slot", "pointwise"]
 
@@ -67,6 +67,7 @@ RULES: dict[str, Callable[[fx.Node, TokenFlow], Info]] = {
     "movedim": _movedim,
     "moveaxis": _movedim,
     "repeat_interleave": _repeat_interleave,
+    "repeat": _repeat,
     "setitem": _setitem,
     **{name: _fresh_like for name in ("empty_like", "zeros_like", "ones_like", "full_like")},
 }

@@ -55,6 +55,17 @@ def _movedim(node: fx.Node, flow: TokenFlow) -> Info:
     return axes.moved(order.index)
 
 
+def _repeat(node: fx.Node, flow: TokenFlow) -> Info:
+    """`x.repeat(*sizes)` tiles each axis (leading sizes add axes); the token axis must not be tiled."""
+    axes = only_token_input(node, flow)
+    sizes = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) else node.args[1:]
+    offset = len(sizes) - len(shape(node.args[0]))
+    moved = axes.moved(lambda d: d + offset)
+    if sizes[moved.tok] != 1 or (moved.key is not None and sizes[moved.key] != 1):
+        raise NotTokenLocal(f"'repeat' ({node.name}) tiles the token axis")
+    return moved
+
+
 def _split(node: fx.Node, flow: TokenFlow) -> Info:
     axes = only_token_input(node, flow)
     ndim = len(shape(node.args[0]))
