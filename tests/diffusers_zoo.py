@@ -29,7 +29,6 @@ class Spec:
     latent: str = "hidden_states"
     time_key: str = "timestep"
     time: Callable[[torch.Tensor, torch.dtype], torch.Tensor] = lambda t, dtype: t.long()
-    branches: int = 0  # the residual branches the backend caches
 
 
 def _make(cls_name: str, **config: Any) -> Callable[[], torch.nn.Module]:
@@ -90,6 +89,46 @@ def _cogview4(b: int, s: int, randn: Randn) -> dict:
             "original_size": size, "target_size": size, "crop_coords": torch.zeros(b, 2)}
 
 
+def _video(channels: int, frames: int = 2) -> Callable[[int, int, Randn], dict]:
+    return lambda b, s, randn: {"hidden_states": randn(b, channels, frames, s, s)}
+
+
+def _sizes(b: int, s: int, randn: Randn) -> dict:
+    size = torch.tensor([[8 * s, 8 * s]] * b)
+    return {"original_size": size, "target_size": size, "crop_coords": torch.zeros(b, 2)}
+
+
+def _flux_like(channels: int, pooled: int = 0, ids: int = 3) -> Callable[[int, int, Randn], dict]:
+    def conditions(b: int, s: int, randn: Randn) -> dict:
+        side = s // 2
+        img_ids = torch.zeros(side * side, ids)
+        img_ids[:, 1], img_ids[:, 2] = torch.arange(side * side) // side, torch.arange(side * side) % side
+        out = {"hidden_states": randn(b, side * side, channels), "encoder_hidden_states": randn(b, 5, 24),
+               "img_ids": img_ids, "txt_ids": torch.zeros(5, ids)}
+        return {**out, "pooled_projections": randn(b, pooled)} if pooled else out
+    return conditions
+
+
+def _hunyuan_video(b: int, s: int, randn: Randn) -> dict:
+    return {"hidden_states": randn(b, 4, 1, s, s), "encoder_hidden_states": randn(b, 5, 24),
+            "pooled_projections": randn(b, 16), "encoder_attention_mask": torch.ones(b, 5), "guidance": torch.full((b,), 3500.0)}
+
+
+def _cosmos(b: int, s: int, randn: Randn) -> dict:
+    return {"hidden_states": randn(b, 4, 1, s, s), "encoder_hidden_states": randn(b, 5, 24),
+            "fps": 24}
+
+
+def _stable_audio(b: int, s: int, randn: Randn) -> dict:
+    return {"hidden_states": randn(b, 4, 4 * s), "encoder_hidden_states": randn(b, 5, 24),
+            "global_hidden_states": randn(b, 1, 24)}
+
+
+_WAN_LIKE = dict(**HEADS, patch_size=(1, 2, 2), in_channels=4, out_channels=4, text_dim=24, freq_dim=32, ffn_dim=64,
+                 num_layers=2, rope_max_seq_len=32)
+_WAN_INPUTS = _with(_video(4), _text())
+
+
 _DIT_LIKE = dict(num_layers=2, sample_size=8, patch_size=2, norm_num_groups=1)
 _HALF = lambda t, dtype: t / 1000  # noqa: E731  flow-matching pipelines pass the timestep in [0, 1)
 
@@ -148,6 +187,107 @@ ZOO: dict[str, Spec] = {
         _make("CogView4Transformer2DModel", **HEADS, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
               text_embed_dim=24, time_embed_dim=32, condition_dim=8, rope_axes_dim=(8, 8)),
         _cogview4),
+    "allegro": Spec(
+        _make("AllegroTransformer3DModel", **HEADS, in_channels=4, out_channels=4, num_layers=2, cross_attention_dim=32,
+              sample_height=8, sample_width=8, sample_frames=8, caption_channels=24),
+        _with(_video(4), _text())),
+    "auraflow": Spec(
+        _make("AuraFlowTransformer2DModel", sample_size=8, patch_size=2, in_channels=4, num_mmdit_layers=1,
+              num_single_dit_layers=2, attention_head_dim=16, num_attention_heads=2, joint_attention_dim=24,
+              caption_projection_dim=32, out_channels=4, pos_embed_max_size=64),
+        _with(_image(4), _text()), time=_HALF),
+    "cogview3plus": Spec(
+        _make("CogView3PlusTransformer2DModel", **HEADS, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
+              text_embed_dim=24, time_embed_dim=32, condition_dim=8, pos_embed_max_size=8, sample_size=8),
+        _with(_with(_image(4), _text(6)), _sizes)),
+    "latte": Spec(
+        _make("LatteTransformer3DModel", **HEADS, in_channels=4, out_channels=8, num_layers=2, sample_size=8,
+              patch_size=2, cross_attention_dim=32, caption_channels=24, video_length=2, norm_type="ada_norm_single",
+              norm_elementwise_affine=False, activation_fn="gelu-approximate", num_embeds_ada_norm=1000),
+        _with(_video(4), _text())),
+    "mochi": Spec(
+        _make("MochiTransformer3DModel", **HEADS, patch_size=2, num_layers=2, pooled_projection_dim=16, in_channels=4,
+              text_embed_dim=24, time_embed_dim=8, max_sequence_length=16),
+        _with(_with(_video(4), _text()), lambda b, s, randn: {"encoder_attention_mask": torch.ones(b, 5)})),
+    "hunyuan_video": Spec(
+        _make("HunyuanVideoTransformer3DModel", **HEADS, in_channels=4, out_channels=4, num_layers=1,
+              num_single_layers=1, num_refiner_layers=1, patch_size=2, text_embed_dim=24, pooled_projection_dim=16,
+              rope_axes_dim=(4, 6, 6)),
+        _hunyuan_video),
+    "sana": Spec(
+        _make("SanaTransformer2DModel", in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16,
+              num_layers=2, num_cross_attention_heads=2, cross_attention_head_dim=16, cross_attention_dim=32,
+              caption_channels=24, sample_size=8, patch_size=2),
+        _with(_image(4), _text())),
+    "chroma": Spec(
+        _make("ChromaTransformer2DModel", **HEADS, patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+              joint_attention_dim=24, axes_dims_rope=(4, 6, 6), approximator_num_channels=8,
+              approximator_hidden_dim=32, approximator_layers=2),
+        _flux_like(16), time=_HALF),
+    "cosmos": Spec(
+        _make("CosmosTransformer3DModel", in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16,
+              num_layers=2, mlp_ratio=2, text_embed_dim=24, adaln_lora_dim=4, max_size=(4, 32, 32),
+              patch_size=(1, 2, 2), rope_scale=(2.0, 1.0, 1.0), concat_padding_mask=False),
+        _cosmos, time=_HALF),
+    "skyreels_v2": Spec(_make("SkyReelsV2Transformer3DModel", **_WAN_LIKE), _WAN_INPUTS),
+    "chronoedit": Spec(_make("ChronoEditTransformer3DModel", **_WAN_LIKE, rope_temporal_skip_len=2), _WAN_INPUTS),
+    "wan_vace": Spec(
+        _make("WanVACETransformer3DModel", **_WAN_LIKE, vace_layers=[0], vace_in_channels=8),
+        _with(_WAN_INPUTS, lambda b, s, randn: {"control_hidden_states": randn(b, 8, 2, s, s)})),
+    "bria": Spec(
+        _make("BriaTransformer2DModel", **HEADS, patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+              joint_attention_dim=24, axes_dims_rope=[4, 6, 6]),
+        _flux_like(16), time=_HALF),
+    "longcat_image": Spec(
+        _make("LongCatImageTransformer2DModel", **HEADS, patch_size=1, in_channels=16, num_layers=1,
+              num_single_layers=1, joint_attention_dim=24, pooled_projection_dim=16, axes_dims_rope=[4, 6, 6]),
+        _flux_like(16), time=_HALF),
+    "ovis_image": Spec(
+        _make("OvisImageTransformer2DModel", **HEADS, patch_size=1, in_channels=16, out_channels=16, num_layers=1,
+              num_single_layers=1, joint_attention_dim=24, axes_dims_rope=(4, 6, 6)),
+        _flux_like(16), time=_HALF),
+    "flux2": Spec(
+        _make("Flux2Transformer2DModel", **HEADS, patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+              joint_attention_dim=24, timestep_guidance_channels=32, axes_dims_rope=(2, 2, 6, 6), guidance_embeds=False),
+        _flux_like(16, ids=4), time=_HALF),
+    "stable_audio": Spec(
+        _make("StableAudioDiTModel", sample_size=32, in_channels=4, num_layers=2, attention_head_dim=16,
+              num_attention_heads=2, num_key_value_attention_heads=1, out_channels=4, cross_attention_dim=24,
+              time_proj_dim=16, global_states_input_dim=24, cross_attention_input_dim=24),
+        _stable_audio, time=lambda t, dtype: t.to(dtype)),
+}
+
+# The residual branches the backend caches in each model of `ZOO` (tests/test_zoo.py asserts them).
+CACHED: dict[str, int] = {
+    "dit": 4,
+    "pixart": 6,
+    "sd3": 5,
+    "flux": 4,
+    "cogvideox": 4,
+    "ltx": 6,
+    "hunyuan": 12,
+    "wan": 6,
+    "qwenimage": 6,
+    "lumina2": 8,
+    "zimage": 6,
+    "cogview4": 6,
+    "allegro": 6,
+    "auraflow": 3,
+    "cogview3plus": 4,
+    "latte": 10,
+    "mochi": 3,
+    "hunyuan_video": 6,
+    "sana": 6,
+    "chroma": 4,
+    "cosmos": 6,
+    "skyreels_v2": 6,
+    "chronoedit": 6,
+    "wan_vace": 9,
+    "bria": 4,
+    "longcat_image": 4,
+    "ovis_image": 4,
+    "flux2": 4,
+    "stable_audio": 8,
 }
 
 BUILDERS: dict[str, Callable[[], torch.nn.Module]] = {
