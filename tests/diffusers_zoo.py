@@ -29,6 +29,7 @@ class Spec:
     latent: str = "hidden_states"
     time_key: str = "timestep"
     time: Callable[[torch.Tensor, torch.dtype], torch.Tensor] = lambda t, dtype: t.long()
+    zero_init: bool = False  # adaLN-zero gates start at 0 (no branch adds anything): draw them at random
 
 
 def _make(cls_name: str, **config: Any) -> Callable[[], torch.nn.Module]:
@@ -127,6 +128,13 @@ def _stable_audio(b: int, s: int, randn: Randn) -> dict:
 _WAN_LIKE = dict(**HEADS, patch_size=(1, 2, 2), in_channels=4, out_channels=4, text_dim=24, freq_dim=32, ffn_dim=64,
                  num_layers=2, rope_max_seq_len=32)
 _WAN_INPUTS = _with(_video(4), _text())
+
+
+def _kandinsky5(b: int, s: int, randn: Randn) -> dict:
+    side = s // 2
+    return {"hidden_states": randn(b, 1, s, s, 4), "encoder_hidden_states": randn(b, 5, 24),
+            "pooled_projections": randn(b, 16), "visual_rope_pos": [torch.arange(1), torch.arange(side), torch.arange(side)],
+            "text_rope_pos": torch.arange(5), "scale_factor": (1.0, 1.0, 1.0)}
 
 
 _DIT_LIKE = dict(num_layers=2, sample_size=8, patch_size=2, norm_num_groups=1)
@@ -255,6 +263,40 @@ ZOO: dict[str, Spec] = {
               num_attention_heads=2, num_key_value_attention_heads=1, out_channels=4, cross_attention_dim=24,
               time_proj_dim=16, global_states_input_dim=24, cross_attention_input_dim=24),
         _stable_audio, time=lambda t, dtype: t.to(dtype)),
+    "consisid": Spec(
+        _make("ConsisIDTransformer3DModel", **HEADS, in_channels=4, out_channels=4, time_embed_dim=32,
+              text_embed_dim=24, num_layers=2, sample_width=8, sample_height=8, sample_frames=5, patch_size=2,
+              temporal_compression_ratio=4, max_text_seq_length=5),
+        _with(lambda b, s, randn: {"hidden_states": randn(b, 2, 4, s, s)}, _text())),
+    "easyanimate": Spec(
+        _make("EasyAnimateTransformer3DModel", **HEADS, in_channels=4, out_channels=4, patch_size=2, sample_width=8,
+              sample_height=8, num_layers=2, mmdit_layers=2, time_embed_dim=32, text_embed_dim=24,
+              enable_text_attention_mask=False),
+        _with(_video(4), _text())),
+    "hunyuanimage": Spec(
+        _make("HunyuanImageTransformer2DModel", **HEADS, in_channels=4, out_channels=4, num_layers=1,
+              num_single_layers=1, num_refiner_layers=1, patch_size=(2, 2), text_embed_dim=24, rope_axes_dim=(8, 8)),
+        _with(_with(_image(4), _text()), lambda b, s, randn: {"encoder_attention_mask": torch.ones(b, 5)}),
+        time=lambda t, dtype: t.to(dtype)),
+    "prx": Spec(
+        _make("PRXTransformer2DModel", in_channels=4, patch_size=2, context_in_dim=24, hidden_size=32, mlp_ratio=2.0,
+              num_heads=2, depth=2, axes_dim=[8, 8]),
+        _with(_image(4), _text()), time=_HALF, zero_init=True),
+    "transformer2d": Spec(  # the patched form of diffusers' generic 2D transformer (DiT's blocks)
+        _make("Transformer2DModel", **HEADS, **_DIT_LIKE, in_channels=4, out_channels=8, norm_type="ada_norm_zero",
+              num_embeds_ada_norm=1000),
+        _with(_image(4), lambda b, s, randn: {"class_labels": torch.arange(b) % 10})),
+    "temporal": Spec(  # frames of a UNet's feature map: the batch holds the frames
+        _make("TransformerTemporalModel", **HEADS, in_channels=32, num_layers=1, norm_num_groups=1),
+        lambda b, s, randn: {"hidden_states": randn(2 * b, 32, s, s), "num_frames": 2}),
+    "prior": Spec(
+        _make("PriorTransformer", **HEADS, num_layers=2, embedding_dim=16, num_embeddings=5, additional_embeddings=4),
+        lambda b, s, randn: {"hidden_states": randn(b, 16), "proj_embedding": randn(b, 16),
+                             "encoder_hidden_states": randn(b, 5, 16)}),
+    "kandinsky5": Spec(
+        _make("Kandinsky5Transformer3DModel", in_visual_dim=4, in_text_dim=24, in_text_dim2=16, time_dim=32,
+              out_visual_dim=4, model_dim=32, ff_dim=64, num_text_blocks=1, num_visual_blocks=2, axes_dims=(4, 6, 6)),
+        _kandinsky5, time=lambda t, dtype: t.to(dtype), zero_init=True),
 }
 
 # The residual branches the backend caches in each model of `ZOO` (tests/test_zoo.py asserts them).
@@ -288,6 +330,14 @@ CACHED: dict[str, int] = {
     "ovis_image": 4,
     "flux2": 4,
     "stable_audio": 8,
+    "consisid": 4,
+    "easyanimate": 6,
+    "hunyuanimage": 6,
+    "prx": 4,
+    "transformer2d": 4,
+    "temporal": 3,
+    "prior": 4,
+    "kandinsky5": 8,
 }
 
 BUILDERS: dict[str, Callable[[], torch.nn.Module]] = {
@@ -298,6 +348,11 @@ BUILDERS: dict[str, Callable[[], torch.nn.Module]] = {
 def build(name: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     torch.manual_seed(seed)
     model = ZOO[name].make().eval()
+    if ZOO[name].zero_init:
+        with torch.no_grad():
+            for p in model.parameters():
+                if not p.any():
+                    p.normal_(0, 0.1)
     return model if dtype == torch.float32 else model.to(dtype)
 
 

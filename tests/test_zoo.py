@@ -5,6 +5,7 @@ The model is traced once: both backends compile the same Dynamo graphs (`_Both`)
 one trace per class. `python -m tests.test_zoo` writes the table of docs/supported_models.md."""
 from __future__ import annotations
 
+import re
 import sys
 from typing import Any
 
@@ -77,9 +78,26 @@ def test_zoo_class(name):
         assert run["stats"]["half"]["computed_fraction"] < 1.0
 
 
+def table_row(name: str) -> str:
+    """One line of docs/supported_models.md: what is cached, how, and the error at ratio 0.5."""
+    import toca_fx
+    from collections import Counter
+
+    report = toca_fx.explain(build(name), **loop_inputs(name, 1)[0])
+    run = run_zoo(name)
+    adds = [n for n in report.not_cached if not n["what"].startswith("graph break") and not n["what"].endswith("ops)")]
+    kinds = Counter(b["kind"] for b in report.branches)
+    whole = [b for b in report.branches if "rows" not in b["modes"]]
+    reasons = sorted({re.sub(r" \(\w+\)|\b\w+_\d+\b|transformer_blocks\S*", "", n["why"]).split(";")[0] for n in adds})
+    cls = type(build(name)).__name__
+    return (f"| {cls} | {len(report.branches)} / {len(report.branches) + len(adds)} | "
+            f"{', '.join(f'{k} {v}' for k, v in sorted(kinds.items()))} | {len(whole)} | "
+            f"{relative_error(run['half'][1], run['eager'][1]):.4f} | {report.graphs} | "
+            f"{'; '.join(reasons)} |")
+
+
 if __name__ == "__main__":
+    print("| class | cached / residual adds | kinds | whole only | error at 0.5 | graphs | not cached |")
+    print("|---|---|---|---|---|---|---|")
     for name in sys.argv[1:] or list(ZOO):
-        run = run_zoo(name)
-        branches = run["stats"]["half"]["branches"]
-        print(name, len(branches), f"{relative_error(run['half'][1], run['eager'][1]):.4f}",
-              [(b["kind"], b["computed_fraction"]) for b in branches])
+        print(table_row(name), flush=True)
