@@ -6,7 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from expecttest import TestCase
+
 from toca_fx.analysis.residual import find_branches
+
+from tests.graph_text import graph_text
 
 B, N, D, H = 2, 8, 16, 2
 W = torch.randn(D, D) / 4
@@ -158,3 +162,38 @@ def test_rotary_written_in_place_computes_chosen_rows_exactly():
     torch.testing.assert_close(partial, full, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(full, x + rotary_written_in_place(x), rtol=1e-6, atol=1e-6)
     assert backend.stats()["computed_fraction"] < 1.0
+
+
+class TestRotarySnapshot(TestCase):
+    def test_partial_step_writes_the_chosen_rows_of_the_fresh_tensor(self):
+        from toca_fx import ToCaBackend, ToCaConfig
+
+        torch._dynamo.reset()
+        backend = ToCaBackend(ToCaConfig(interval=2, ratio=0.5, num_steps=2, inner="eager", timestep_clock=False))
+        with torch.no_grad():
+            torch.compile(lambda x: x + rotary_written_in_place(x), backend=backend, dynamic=False)(torch.randn(B, N, D))
+        self.assertExpectedInline(graph_text(backend.graphs[0].variant_graph("partial")), """\
+%0 = select_tokens(in0, toca_b0_stale, toca_b0_ref, 4)
+%1 = gather_rows(in0, 1, %0)
+%2 = linear(%1, in1)
+%3 = unflatten(%2, -1, (2, -1))
+%4 = unflatten(%3, -1, (-1, 2))
+%5 = unbind(%4, -1)
+%6 = getitem(%5, 0)
+%7 = getitem(%5, 1)
+%8 = empty_like(%3)
+%9 = gather_rows(in2, 1, %0)
+%10 = mul(%6, %9)
+%11 = gather_rows(in3, 1, %0)
+%12 = mul(%7, %11)
+%13 = sub(%10, %12)
+%14 = setitem(%8, (slice(None, None, None), slice(0, 4, None), slice(None, None, None), slice(0, None, 2)), %13)
+%15 = mul(%6, %11)
+%16 = mul(%7, %9)
+%17 = add(%15, %16)
+%18 = setitem(%8, (slice(None, None, None), slice(0, 4, None), slice(None, None, None), slice(1, None, 2)), %17)
+%19 = type_as(%8, %3)
+%20 = flatten(%19, 2)
+%21 = scatter_rows(toca_b0_cache, 1, %0, %20)
+%22 = add(in0, %21)
+return (%22,)""")
