@@ -4,9 +4,9 @@ Matches: an add of two tensors of one shape [B, N, D] where one operand (the str
 of the other (the branch output). A trailing multiply by a tensor that does not depend on x and does
 not vary along the token axis (the adaLN gate) is peeled off: the cache point is before the gate.
 The stream may be read through a dtype cast (`(x.float() + gate * f(x)).type_as(x)`): the add's operand
-is then a cast of the x the branch reads. Streams that no input of the graph but parameters and
-per-sample vectors (timestep, labels, pooled embeddings) reach, such as a modulation network over a
-few slots, carry no latent tokens and are left alone.
+is then a cast of the x the branch reads. Streams that no graph input of 3 or more axes reaches but
+parameters (only vectors: timestep, labels, pooled embeddings; or per-sample 2-D features), such as a
+modulation network over a few slots, carry no latent tokens and are left alone.
 Produces: `Branch` records, classified by what they contain (see `classify`), and `Rejection`s with
 the reason a residual add could not be cached, for `explain` and the warning. A branch that the token
 propagation cannot prove token-local is still a `Branch` when it is closed (nothing outside reads its
@@ -93,8 +93,8 @@ def find_branches(graph: fx.Graph) -> Analysis:
             continue
         stream, addend = split
         if not ancestors(stream) & latent:
-            result.rejected.append(Rejection(readable_name(node), "the stream carries no latent tokens: it is "
-                                             "computed from parameters and per-sample vectors alone", by_design=True))
+            result.rejected.append(Rejection(readable_name(node), "the stream carries no latent tokens: no graph "
+                                             "input of 3 or more axes but parameters reaches it", by_design=True))
             continue
         try:
             candidates.append(_make_branch(node, stream, addend, order))
