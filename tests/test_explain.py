@@ -41,8 +41,29 @@ def test_explain_finds_every_attention_and_mlp(name):
 def test_report_prints_as_a_table():
     report = toca_fx.explain(build("pixart"), **loop_inputs("pixart", 1)[0])
     text = str(report)
-    assert text.splitlines()[1].split() == ["graph", "branch", "kind", "tokens", "hidden", "cache"]
+    assert text.splitlines()[1].split() == ["graph", "branch", "kind", "tokens", "hidden", "cache", "modes"]
     assert "transformer_blocks.0.attn2" in text and "cross_attn" in text
+    assert all(b["modes"] == ("fill", "rows", "reuse", "compute") for b in report.branches)
+
+
+class TokenMixingBranch(torch.nn.Module):
+    """A residual branch that mixes tokens (a linear along the token axis): cacheable only whole."""
+
+    def __init__(self):
+        super().__init__()
+        self.mix, self.mlp = torch.nn.Linear(16, 16), torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        x = x + self.mix(x.transpose(1, 2)).transpose(1, 2)
+        return x + self.mlp(x)
+
+
+def test_branch_not_token_local_is_cached_whole_and_says_why():
+    report = toca_fx.explain(TokenMixingBranch(), torch.randn(2, 16, 8))
+    modes = [b["modes"] for b in report.branches]
+    assert modes == [("fill", "reuse", "compute"), ("fill", "rows", "reuse", "compute")]
+    assert "token axis" in report.branches[0]["why_whole"]
+    assert "cached whole only" in str(report)
 
 
 class WithGraphBreak(torch.nn.Module):
@@ -54,13 +75,14 @@ class WithGraphBreak(torch.nn.Module):
     def forward(self, x):
         x = x + self.mlp(x)
         torch._dynamo.graph_break()
-        return x + self.mix(x.transpose(1, 2)).transpose(1, 2)  # mixes tokens: not cacheable
+        return x + self.mix(x.transpose(1, 2)).transpose(1, 2)  # mixes tokens: cached only whole
 
 
-def test_explain_lists_graph_breaks_and_uncacheable_branches():
+def test_explain_lists_graph_breaks_and_branches_cached_whole():
     report = toca_fx.explain(WithGraphBreak(), torch.randn(2, 4, 8))
     assert report.graphs == 2 and report.graph_breaks == 1
-    assert [b["kind"] for b in report.branches] == ["mlp"]
+    assert [(b["kind"], "rows" in b["modes"]) for b in report.branches] == [("mlp", True), ("mlp", False)]
     whats = " | ".join(f"{n['what']}: {n['why']}" for n in report.not_cached)
     assert "graph break at test_explain.py" in whats and "graph_break" in whats
-    assert "'linear'" in whats and "token axis" in whats  # the token-mixing linear, and why
+    why = report.branches[1]["why_whole"]
+    assert "'linear'" in why and "token axis" in why  # the token-mixing linear, and why

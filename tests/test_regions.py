@@ -328,3 +328,56 @@ def test_regional_must_be_a_bool():
     for bad in ("yes", 1, None):
         with pytest.raises(ValueError, match="regional"):
             ToCaConfig(regional=bad)
+
+
+# --- 4. blocks of different forms ------------------------------------------------------------------
+
+class _Uneven(torch.nn.Module):
+    """A two-stream (image, text) joint-attention DiT whose blocks differ in their residual adds: the
+    first has an extra image self-attention, the last no text-stream adds."""
+
+    def __init__(self, dim: int = 32, depth: int = 4):
+        super().__init__()
+        self.embed, self.embed_text, self.depth = torch.nn.Linear(4, dim), torch.nn.Linear(8, dim), depth
+        self.qkv = torch.nn.ModuleList(torch.nn.Linear(dim, 3 * dim) for _ in range(depth + 1))
+        self.out = torch.nn.ModuleList(torch.nn.Linear(dim, dim) for _ in range(2 * depth + 1))
+        self.mlp = torch.nn.ModuleList(torch.nn.Sequential(torch.nn.LayerNorm(dim), torch.nn.Linear(dim, dim),
+                                                           torch.nn.GELU()) for _ in range(2 * depth))
+
+    def forward(self, x: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        h, c = self.embed(x), self.embed_text(text)
+        for i in range(self.depth):
+            if i == 0:
+                h = h + self.out[-1](_attend(self.qkv[-1](h)))
+            joint = _attend(self.qkv[i](torch.cat([c, h], dim=1)))
+            h = h + self.out[2 * i](joint[:, c.shape[1]:])
+            h = h + self.mlp[2 * i](h)
+            if i < self.depth - 1:
+                c = c + self.out[2 * i + 1](joint[:, : c.shape[1]])
+                c = c + self.mlp[2 * i + 1](c)
+        return h
+
+
+def _attend(qkv: torch.Tensor) -> torch.Tensor:
+    heads = lambda t: t.unflatten(-1, (2, -1)).transpose(1, 2)  # noqa: E731
+    q, k, v = qkv.chunk(3, dim=-1)
+    return torch.nn.functional.scaled_dot_product_attention(heads(q), heads(k), heads(v)).transpose(1, 2).flatten(2)
+
+
+@pytest.mark.parametrize("depth", [3, 4, 6])
+@pytest.mark.parametrize("ratio", [1.0, 0.5])
+def test_blocks_of_different_forms_do_not_crash_the_cut(monkeypatch, ratio, depth):
+    """Cut where one period fits, else compiled whole; exact where every row is computed."""
+    _stub_inductor(monkeypatch)
+    torch.manual_seed(0)
+    model = _Uneven(depth=depth).eval()
+    g = torch.Generator().manual_seed(1)
+    x, drift, text = (torch.randn(2, n, c, generator=g) for n, c in ((16, 4), (16, 4), (5, 8)))
+    inputs = [(x + 0.05 * i * drift, text) for i in range(4)]
+    config = ToCaConfig(interval=2, ratio=ratio, num_steps=4, self_attn="recompute", regional=True, parallel_compile=False)
+    cached, backend = _generate(model, config, inputs)
+    assert len(backend.stats()["branches"]) == 1 + 2 * depth + depth - 1  # image: attentions, MLPs; text: MLPs
+    with torch.no_grad():
+        for step, (a, args) in enumerate(zip(cached, inputs)):
+            if ratio == 1.0 or step % 2 == 0:
+                torch.testing.assert_close(a, model(*args), rtol=1e-5, atol=1e-5, msg=lambda m: f"step {step}: {m}")

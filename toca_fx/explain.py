@@ -22,7 +22,8 @@ from .rewrite.layout import branch_bytes
 
 @dataclass
 class Report:
-    """`branches`: one dict per cached branch (graph, name, kind, tokens, hidden, cache_bytes).
+    """`branches`: one dict per cached branch (graph, name, kind, tokens, hidden, cache_bytes, modes: the
+    plan modes it allows, and why_whole: why it is cached only whole, empty if it can recompute rows).
     `not_cached`: one dict per residual branch, graph or graph break left out (what, why)."""
 
     graphs: int = 0
@@ -41,11 +42,15 @@ class Report:
     def __str__(self) -> str:
         head = (f"toca_fx.explain: {self.graphs} graph(s), {self.graph_breaks} graph break(s), "
                 f"{len(self.branches)} cached branch(es), {_size(self.cache_bytes)} of cache")
-        rows = [("graph", "branch", "kind", "tokens", "hidden", "cache")]
-        rows += [(str(b["graph"]), b["name"], b["kind"], str(b["tokens"]), str(b["hidden"]), _size(b["cache_bytes"]))
-                 for b in self.branches]
+        rows = [("graph", "branch", "kind", "tokens", "hidden", "cache", "modes")]
+        rows += [(str(b["graph"]), b["name"], b["kind"], str(b["tokens"]), str(b["hidden"]), _size(b["cache_bytes"]),
+                  ",".join(b["modes"])) for b in self.branches]
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines = [head, *("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)]
+        whole = [b for b in self.branches if b["why_whole"]]
+        if whole:
+            lines.append("cached whole only (reused, never recomputed by rows):")
+            lines += [f"  {b['name']}: {b['why_whole']}" for b in whole]
         if self.not_cached:
             lines.append("not cached:")
             lines += [f"  {n['what']}: {n['why']}" for n in self.not_cached]
@@ -78,6 +83,8 @@ def _add_graph(report: Report, index: int, gm: fx.GraphModule) -> None:
             "tokens": b.tokens,
             "hidden": shape(b.out)[-1],
             "cache_bytes": nbytes[b.index],
+            "modes": b.modes,
+            "why_whole": b.whole_only,
         })
     for r in analysis.rejected:
         report.not_cached.append({"what": f"graph {index} {r.name}", "why": r.reason})

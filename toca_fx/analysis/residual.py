@@ -3,8 +3,15 @@
 Matches: an add of two tensors of one shape [B, N, D] where one operand (the stream x) is an ancestor
 of the other (the branch output). A trailing multiply by a tensor that does not depend on x and does
 not vary along the token axis (the adaLN gate) is peeled off: the cache point is before the gate.
+The stream may be read through a dtype cast (`(x.float() + gate * f(x)).type_as(x)`): the add's operand
+is then a cast of the x the branch reads. Streams that no graph input of 3 or more axes reaches but
+parameters (only vectors: timestep, labels, pooled embeddings; or per-sample 2-D features), such as a
+modulation network over a few slots, carry no latent tokens and are left alone.
 Produces: `Branch` records, classified by what they contain (see `classify`), and `Rejection`s with
-the reason a residual add could not be cached, for `explain` and the warning.
+the reason a residual add could not be cached, for `explain` and the warning. A branch that the token
+propagation cannot prove token-local is still a `Branch` when it is closed (nothing outside reads its
+intermediates): its output can be cached and added whole (`Branch.modes` lacks "rows"), with the reason
+kept in `Branch.whole_only`.
 
 Joint attention: the image and text streams are two residual streams whose branches share one
 attention over both. Each side is a valid branch alone (the other's rows ride along whole); as both
@@ -19,10 +26,14 @@ import torch
 import torch.fx as fx
 
 from .axes import Axes, NotTokenLocal, Passengers, TokenFlow
-from .graphs import depends, op_name, positions, readable_name, shape
+from .graphs import ancestors, depends, op_name, positions, readable_name, shape, value
 from .tokens import follow, propagate
 
 _ADDS = {operator.add, operator.iadd, torch.add}
+# Ops that change only a tensor's dtype or memory layout: the residual add may read the stream through them.
+_CASTS = {"float", "half", "bfloat16", "double", "to", "type_as", "contiguous"}
+ALL_MODES = ("fill", "rows", "reuse", "compute")
+WHOLE_MODES = ("fill", "reuse", "compute")  # a branch not proven token-local: cached and added whole
 
 
 @dataclass
@@ -36,6 +47,12 @@ class Branch:
     kind: str = "mlp"     # "self_attn" | "joint_attn" | "cross_attn" | "mlp"
     name: str = ""
     index: int = 0
+    whole_only: str = ""  # why the branch cannot be computed on chosen tokens; empty when it can
+
+    @property
+    def modes(self) -> tuple[str, ...]:
+        """The plan modes the branch allows (`policies.plan.Mode` values)."""
+        return WHOLE_MODES if self.whole_only else ALL_MODES
 
     @property
     def tokens(self) -> int:
@@ -69,15 +86,24 @@ def find_branches(graph: fx.Graph) -> Analysis:
     order = positions(graph)
     result = Analysis()
     candidates = []
+    latent = _latent_inputs(graph)
     for node in graph.nodes:
         split = _residual_operands(node, order)
         if split is None:
             continue
         stream, addend = split
+        if not ancestors(stream) & latent:
+            result.rejected.append(Rejection(readable_name(node), "the stream carries no latent tokens: no graph "
+                                             "input of 3 or more axes but parameters reaches it", by_design=True))
+            continue
         try:
             candidates.append(_make_branch(node, stream, addend, order))
         except NotTokenLocal as err:
-            result.rejected.append(Rejection(readable_name(node), str(err)))
+            whole = _whole_branch(node, stream, addend, order, str(err))
+            if whole is None:
+                result.rejected.append(Rejection(readable_name(node), str(err)))
+            else:
+                candidates.append(whole)
     for branch in candidates:
         rival = _larger_sharer(branch, candidates)
         if rival is not None:
@@ -103,11 +129,30 @@ def _residual_operands(node: fx.Node, order: dict[fx.Node, int]) -> tuple[fx.Nod
     out = shape(node)
     if out is None or len(out) != 3 or shape(a) != out or shape(b) != out:
         return None
-    if order[a] < order[b] and depends(b, a, order):
-        return a, b
-    if order[b] < order[a] and depends(a, b, order):
-        return b, a
+    for x, addend in ((a, b), (b, a)):
+        for stream in _casts_of(x):
+            if order[stream] < order[addend] and depends(addend, stream, order):
+                return stream, addend
     return None
+
+
+def _casts_of(node: fx.Node) -> list[fx.Node]:
+    """`node`, the tensor it is a dtype or layout cast of, what that is a cast of, and so on."""
+    chain = [node]
+    while op_name(node) in _CASTS and node.args and isinstance(node.args[0], fx.Node) and shape(node.args[0]) == shape(node):
+        node = node.args[0]
+        chain.append(node)
+    return chain
+
+
+def _latent_inputs(graph: fx.Graph) -> set[fx.Node]:
+    """Graph inputs that may carry a latent's tokens: not parameters, with at least [B, N, C] axes."""
+    inputs = set()
+    for node in graph.nodes:
+        v = value(node)
+        if node.op == "placeholder" and isinstance(v, torch.Tensor) and not isinstance(v, torch.nn.Parameter) and v.ndim >= 3:
+            inputs.add(node)
+    return inputs
 
 
 def _make_branch(add: fx.Node, stream: fx.Node, addend: fx.Node, order: dict[fx.Node, int]) -> Branch:
@@ -119,10 +164,28 @@ def _make_branch(add: fx.Node, stream: fx.Node, addend: fx.Node, order: dict[fx.
     if not isinstance(info, Axes) or info.key is not None or info.extra:
         raise NotTokenLocal(f"branch output {out.name} does not carry the tokens alone")
     named = out
-    while named.target is operator.getitem and named.args[0] in flow.info:  # a slice: name what it cuts
-        named = named.args[0]
+    while (named.target is operator.getitem or op_name(named) in _CASTS) and named.args[0] in flow.info:
+        named = named.args[0]  # a slice or a cast: name what it cuts or casts
     branch = Branch(add, stream, out, gate, nodes, flow, name=readable_name(out, named))
     branch.kind = _classify(branch)
+    return branch
+
+
+def _whole_branch(add: fx.Node, stream: fx.Node, addend: fx.Node, order: dict[fx.Node, int], why: str) -> Branch | None:
+    """A branch not proven token-local, cached whole: its output is [B, N, D] and nothing outside it
+    reads its intermediates. None where even that fails."""
+    out, gate = _peel_gate(addend, stream, order)
+    nodes = _between(stream, out, order)
+    flow = TokenFlow(tokens=shape(stream)[1], info={stream: Axes(1)})
+    try:
+        _check_closed(nodes, {addend, add}, flow)
+    except NotTokenLocal:
+        return None
+    if shape(out) != shape(add) or flow.passenger_outputs:
+        return None
+    flow.info[out] = Axes(1)  # the cache's rows: the output's layout, not a claim about how it is computed
+    branch = Branch(add, stream, out, gate, nodes, flow, name=readable_name(out), whole_only=why)
+    branch.kind = _whole_kind(branch, order)
     return branch
 
 
@@ -144,7 +207,9 @@ def _between(stream: fx.Node, out: fx.Node, order: dict[fx.Node, int]) -> list[f
     """Nodes that depend on `stream` and feed `out` (inclusive of `out`), in graph order."""
     feeds, todo = {out}, [out]
     while todo:
-        for i in todo.pop().all_input_nodes:
+        node = todo.pop()
+        writes = [u for u in node.users if u.target is operator.setitem and u.args[0] is node]
+        for i in [*node.all_input_nodes, *writes]:  # a write into a value feeds what reads it
             if i not in feeds and order[i] > order[stream]:
                 feeds.add(i)
                 todo.append(i)
@@ -184,6 +249,19 @@ def _larger_sharer(branch: Branch, branches: list[Branch]) -> Branch | None:
         if other is not branch and not mine.isdisjoint(other.nodes) and rank[id(other)] > rank[id(branch)]:
             return other
     return None
+
+
+def _whole_kind(branch: Branch, order: dict[fx.Node, int]) -> str:
+    """The kind of a branch the propagation could not follow, from its ops: attention whose keys
+    depend on the stream, other attention, or neither."""
+    stream, mixing = branch.stream, {"matmul", "bmm", "einsum", "baddbmm"}
+    for n in branch.nodes:
+        if op_name(n) == "scaled_dot_product_attention":
+            key = n.kwargs.get("key", n.args[1] if len(n.args) > 1 else None)
+            return "self_attn" if isinstance(key, fx.Node) and depends(key, stream, order) else "cross_attn"
+        if op_name(n) in mixing and sum(depends(a, stream, order) for a in n.all_input_nodes) > 1:
+            return "self_attn"
+    return "cross_attn" if any(op_name(n) in ("softmax", "log_softmax") for n in branch.nodes) else "mlp"
 
 
 def _classify(branch: Branch) -> str:

@@ -21,8 +21,10 @@ add, 0 for the stream's first input x0). What is cut comes from data flow alone:
   to the model's dtype where one graph would round it. The first block, which receives no add, has a
   form of its own, and a model of two blocks gains nothing.
 Produces: `Regional`, a callable taking the graph's inputs, that runs the compiled regions in order and
-frees each value after its last reader. Where no two blocks share a form, or a value crossing a cut is
-not a tensor, `compile_regions` returns None and the graph compiles whole. A step that reuses every
+frees each value after its last reader. Where no two blocks share a form, a value crossing a cut is
+not a tensor, the adds are not marked 0..M along one stream, or a region would read a value of a
+later one (blocks of different forms that one period cannot cut), `compile_regions` returns None and
+the graph compiles whole, with a note in the "toca_fx" log. A step that reuses every
 branch is cut too, after every add: one graph fuses its chain of cached-output adds into long
 serial kernels (see `compile.options`), and cut it runs faster and compiles sooner (docs/benchmarks.md).
 
@@ -31,6 +33,7 @@ without CUDA graphs, one more compiled call per block.
 """
 from __future__ import annotations
 
+import logging
 import math
 import operator
 from collections import defaultdict
@@ -48,6 +51,7 @@ from ..analysis.graphs import ancestors, op_name
 from ..analysis.marks import on_stream, stream_marks
 from ..analysis.rules import POINTWISE
 
+log = logging.getLogger("toca_fx")
 PROLOGUE = -1
 # What a region may compute again: elementwise ops and views (not in place), cheap beside a block.
 CHEAP = (POINTWISE - {"iadd", "imul", "isub", "itruediv"}) | {
@@ -105,6 +109,9 @@ def cut_graph(graph: fx.Graph) -> list[list[fx.Node]] | None:
     adds = len(marks) - 1
     if x0 is None or adds < 2:
         return None
+    if sorted(marks.values()) != list(range(adds + 1)):
+        log.info("toca_fx: regions: the residual adds are not marked 0..%d along one stream; compiled whole", adds)
+        return None
     segment = _segments(nodes, marks)
     period = _period(nodes, segment, adds)
     blocks = adds // period
@@ -122,7 +129,23 @@ def cut_graph(graph: fx.Graph) -> list[list[fx.Node]] | None:
             cut[region[n] + 1].append(n)
         if (n, region.get(n)) in copies:
             cut[region[n] + 2].append(n)  # also computed in the next region (see `_hand_over`)
+    if not _in_order(cut):
+        log.info("toca_fx: regions: blocks of different forms read values of later regions; compiled whole")
+        return None
     return cut
+
+
+def _in_order(cut: list[list[fx.Node]]) -> bool:
+    """Whether every region reads only graph inputs and values of itself or earlier regions (blocks of
+    different forms, cut by one period, may not)."""
+    done: set[fx.Node] = set()
+    for nodes in cut:
+        inside = set(nodes)
+        for n in nodes:
+            if any(i not in done and i not in inside and i.op not in ("placeholder", "get_attr") for i in n.all_input_nodes):
+                return False
+        done |= inside
+    return True
 
 
 class Regional:

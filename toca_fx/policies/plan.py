@@ -81,7 +81,8 @@ def plan_generation(policy: Policy, num_steps: int, branches: list[Branch]) -> l
 
 def check_step(policy: Policy, step: int, num_steps: int, branches: list[Branch]) -> dict[int, BranchPlan]:
     """The policy's plans of one step, each checked: one `BranchPlan` per branch index, a `Mode.ROWS`
-    plan with 1 <= k <= the branch's tokens. Raises ValueError naming the policy, step and branch."""
+    plan with 1 <= k <= the branch's tokens, made `Mode.REUSE` where the branch does not allow rows
+    (`Branch.modes`). Raises ValueError naming the policy, step and branch."""
     plans = policy.plans(step, num_steps, branches)
     where = f"{policy!r} at step {step} of {num_steps}"
     if not isinstance(plans, dict):
@@ -97,7 +98,14 @@ def check_step(policy: Policy, step: int, num_steps: int, branches: list[Branch]
             raise ValueError(f"{where}, branch {b.index} ({b.name}): expected a BranchPlan, got {plan!r}")
         if plan.mode == Mode.ROWS and not 1 <= plan.k <= b.tokens:
             raise ValueError(f"{where}, branch {b.index} ({b.name}): a rows plan's k must be in [1, {b.tokens}], got {plan.k}")
-    return plans
+    return {b.index: _allowed(plans[b.index], b) for b in branches}
+
+
+def _allowed(plan: BranchPlan, branch: Branch) -> BranchPlan:
+    """A rows plan for a branch that allows only whole-branch modes (not proven token-local) reuses it."""
+    if plan.mode == Mode.ROWS and Mode.ROWS not in branch.modes:
+        return BranchPlan(Mode.REUSE)
+    return plan
 
 
 def plan_key(plans: dict[int, BranchPlan]) -> tuple:

@@ -85,6 +85,8 @@ def wanted(branch: Branch, cached_kv: set[fx.Node]) -> dict[fx.Node, set[Want]]:
     for node in passengers:
         needs[node].add(Want.ROWS)
     for node in [*passengers, *reversed(branch.nodes)]:
+        if node.target is operator.setitem:  # a write into a value is wanted as that value is
+            needs[node] |= needs[node.args[0]]
         full_args = branch.flow.full_inputs.get(node, ())
         for a in node.all_input_nodes:
             if a not in inside:
@@ -93,6 +95,11 @@ def wanted(branch: Branch, cached_kv: set[fx.Node]) -> dict[fx.Node, set[Want]]:
                 needs[a].add(Want.ALL)
             elif Want.ROWS in needs[node]:
                 needs[a].add(Want.ROWS)
+    written = [n.args[0] for n in branch.nodes if n.target is operator.setitem]
+    if any(needs[t] == {Want.ROWS, Want.ALL} for t in written):
+        # Rows gathered from a full value are read where the copy needs them, possibly before a write
+        # into it lands: such a branch runs over all tokens and only its output's rows are taken.
+        return defaultdict(set, {n: {Want.ALL} for n in [*branch.nodes, *passengers]})
     return needs
 
 
@@ -172,8 +179,8 @@ class _Rows:
         if op_name(node) in _SIZED:
             new.args = (new.args[0], self._sized(node))
             new.kwargs = {key: v for key, v in new.kwargs.items() if key not in ("size", "shape")}
-        elif node.target is operator.getitem and isinstance(source_axes, Axes):
-            new.args = (new.args[0], self._index(node, source_axes))
+        elif node.target in (operator.getitem, operator.setitem) and isinstance(source_axes, Axes):
+            new.args = (new.args[0], self._index(node, source_axes), *new.args[2:])
         return new
 
     def _sized(self, node: fx.Node) -> tuple[int, ...]:

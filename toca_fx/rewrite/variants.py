@@ -97,7 +97,8 @@ def _analysed_copy(
 ) -> tuple[fx.Graph, Analysis]:
     """A copy of `gm`'s graph and its analysis; with `split`, the fused projections of branches that
     recompute chosen rows split where their pieces are wanted both as rows and over all tokens
-    (`split_projection`), unless the split graph's analysis no longer finds the same branches."""
+    (`split_projection`), unless the split graph's analysis no longer finds the same branches with the
+    same modes."""
     graph = fx.Graph()
     graph._codegen = copy.deepcopy(gm.graph._codegen)
     graph.output(graph.graph_copy(gm.graph, {}))
@@ -107,7 +108,7 @@ def _analysed_copy(
         return graph, analysis
     eliminate_dead_code(graph)
     again = find_branches(graph)
-    if [b.out for b in again.branches] != [b.out for b in analysis.branches]:
+    if [(b.out, b.modes) for b in again.branches] != [(b.out, b.modes) for b in analysis.branches]:
         return _analysed_copy(gm, plans, config, split=False)
     return graph, again
 
