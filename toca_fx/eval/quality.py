@@ -65,9 +65,15 @@ def load_quality_model(name: str, device: torch.device | str = "cpu", tiny: bool
         else:
             from ..models.glyphs import load_glyphs_classifier as load_clf, load_glyphs_dit as load_dit
         model, classifier = load_dit(checkpoint=dit_ckpt), load_clf(checkpoint=clf_ckpt)
-    size = model.x_embedder.proj.kernel_size[0] * int(model.pos_embed.shape[1] ** 0.5)
-    return QualityModel(name, model.eval().to(device, dtype), classifier.eval().to(device), (1, size, size),
+    return QualityModel(name, model.eval().to(device, dtype), classifier.eval().to(device), sample_shape(model),
                         model.num_classes, dtype)
+
+
+def sample_shape(model: torch.nn.Module) -> tuple[int, int, int]:
+    """(C, H, W) of the images a DiT or PixArt of this package takes (square, from its patch embedding)."""
+    proj = model.x_embedder.proj
+    size = proj.kernel_size[0] * int(round(model.pos_embed.shape[1] ** 0.5))
+    return proj.in_channels, size, size
 
 
 def shared_noise(count: int, shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
