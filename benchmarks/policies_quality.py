@@ -116,11 +116,11 @@ def evaluate(images: torch.Tensor, reference: torch.Tensor, labels: torch.Tensor
 def policies(model: torch.nn.Module, routers: dict[float, Router], steps: int, tiny: bool = False
              ) -> tuple[list[tuple[str, float, ToCaConfig]], list[tuple[float, str, str]]]:
     """(name, speedup, config) for each method at each target speedup, and (target, HarmoniCa's row,
-    FORA's row) for each target with a router (`tiny`: three ToCa settings and two FORA intervals)."""
+    FORA's row) for each target with a router (`tiny`: one ToCa setting and one FORA interval)."""
     toca = [(speedup(model, c, steps), c) for c in
-            (ToCaConfig(interval=i, ratio=r, num_steps=steps, inner="eager") for i, r in TOCA_GRID[:3 if tiny else None])]
+            (ToCaConfig(interval=i, ratio=r, num_steps=steps, inner="eager") for i, r in TOCA_GRID[:1 if tiny else None])]
     fora = [(speedup(model, c, steps), c) for c in
-            (ToCaConfig(policy=FORAPolicy(i), num_steps=steps, inner="eager") for i in FORA_INTERVALS[:2 if tiny else None])]
+            (ToCaConfig(policy=FORAPolicy(i), num_steps=steps, inner="eager") for i in FORA_INTERVALS[:1 if tiny else None])]
     outside, branch = flop_model(model, steps) if routers else (0, torch.zeros(0))
     rows, pairs = [], []
     for target in TARGETS:

@@ -57,7 +57,7 @@ class StepReuse:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=MODELS, default="digits")
-    p.add_argument("--tiny", action="store_true", help="random 8x8 models, 8 samples, 4 steps, two of each family")
+    p.add_argument("--tiny", action="store_true", help="random 8x8 models, 8 samples, 4 steps, one or two settings per family")
     p.add_argument("--samples", type=int, default=1000)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--chunk", type=int, default=500, help="samples per generation")
@@ -88,8 +88,8 @@ def settings(args: argparse.Namespace) -> list[tuple[str, str, object]]:
 
 
 def _all_settings(args: argparse.Namespace) -> list[tuple[str, str, object]]:
-    toca = TOCA_SETTINGS[:2] if args.tiny else TOCA_SETTINGS
-    fora = FORA_INTERVALS[:2] if args.tiny else FORA_INTERVALS
+    toca = TOCA_SETTINGS[:1] if args.tiny else TOCA_SETTINGS
+    fora = FORA_INTERVALS[:1] if args.tiny else FORA_INTERVALS
     steps = sorted({max(2, round(args.steps * f)) for f in STEP_FRACTIONS} - {args.steps})
     rows = [(f"ToCa N={i} r={r}", "ToCa", ToCaConfig(interval=i, ratio=r, num_steps=args.steps, inner="eager"))
             for i, r in toca]
