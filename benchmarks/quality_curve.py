@@ -154,6 +154,8 @@ def main(argv: list[str] | None = None) -> dict:
     rows = [_row("uncached", "uncached", 1.0, summarize(records["uncached"], qm.classifier, args.resamples),
                  time.time() - begin)]
     print(f"uncached: {time.time() - begin:.1f}s", flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / f"quality_{args.model}"
     for name, family, what in settings(args):
         begin = time.time()
         images, ratio = run_setting(qm, family, what, noise, labels, args)
@@ -162,9 +164,8 @@ def main(argv: list[str] | None = None) -> dict:
                          time.time() - begin))
         print(f"{name}: {1 / ratio:.2f}x, accuracy {rows[-1]['accuracy'][0]:.3f}, FD {rows[-1]['frechet'][0]:.2f}, "
               f"{rows[-1]['seconds']:.1f}s", flush=True)
+        Path(f"{stem}.json").write_text(json.dumps({"meta": _meta(args), "rows": rows}, indent=1))  # so far
     result = {"meta": _meta(args), "rows": rows, "comparisons": comparisons(rows, records, qm, args)}
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"quality_{args.model}"
     Path(f"{stem}.json").write_text(json.dumps(result, indent=1))
     torch.save({k: {m: v.float() for m, v in r.items()} for k, r in records.items()}, f"{stem}_records.pt")
     table = tables(result)
@@ -178,7 +179,22 @@ def _meta(args: argparse.Namespace) -> dict:
     device = torch.cuda.get_device_name() if str(args.device).startswith("cuda") else "cpu"
     return {"model": args.model, "tiny": args.tiny, "samples": args.samples, "steps": args.steps,
             "guidance": args.cfg, "dtype": args.dtype, "seed": 0, "resamples": args.resamples, "date": time.strftime("%Y-%m-%d"),
-            "device": device, "torch": torch.__version__}
+            "device": device, "torch": torch.__version__, "commit": _commit()}
+
+
+def _commit() -> str:
+    """The checkout's commit (with + when files differ from it), or "unknown" outside git."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+" if dirty else "")
 
 
 def _ci(v: list[float], fmt: str) -> str:
@@ -194,7 +210,8 @@ def tables(result: dict) -> str:
     """The markdown tables: one row per setting, then the pairwise comparisons (* : interval excludes 0)."""
     m = result["meta"]
     lines = [f"{m['model']}: {m['samples']} samples, {m['steps']} DDIM steps, guidance {m['guidance']}, seed "
-             f"{m['seed']}, {m['dtype']}; {m['date']}, {m['device']}, torch {m['torch']}; 95% bootstrap intervals "
+             f"{m['seed']}, {m['dtype']}; {m['date']}, {m['device']}, torch {m['torch']}, commit "
+             f"{m.get('commit', 'unknown')}; 95% bootstrap intervals "
              f"({m['resamples']} resamples)", "",
              "| setting | theoretical speedup | accuracy | Frechet distance | PSNR vs uncached (dB) | SSIM | rel L2 |",
              "|---|---|---|---|---|---|---|"]
