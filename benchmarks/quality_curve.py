@@ -249,7 +249,8 @@ def plot(result: dict, path: Path) -> None:
         for ax, (key, _) in zip(axes, metrics):
             xs = [p["speedup"] for p in pts]
             ys = [p[key][0] for p in pts]
-            err = [[p[key][0] - p[key][1] for p in pts], [p[key][2] - p[key][0] for p in pts]]
+            # A bootstrap FD interval can lie above its estimate (see tables): bars clipped at the point.
+            err = [[max(0.0, p[key][0] - p[key][1]) for p in pts], [max(0.0, p[key][2] - p[key][0]) for p in pts]]
             ax.errorbar(xs, ys, yerr=err, fmt=marker, capsize=2, label=family)
     base = rows[0]
     for ax, (key, label) in zip(axes, metrics):
