@@ -3,10 +3,10 @@
     python benchmarks/policies_quality.py                 # ~minutes on 2 cores; markdown table to stdout
     python benchmarks/policies_quality.py --compile-cost  # Inductor compile seconds per distinct plan
 
-The embedded digits DiT samples `--samples` images (labels 0..9 in turn) by DDIM with guidance, from
+The embedded digits or glyphs DiT (`--model`) samples `--samples` images (labels 0, 1, ... in turn) by DDIM with guidance, from
 the same noise for every policy, with the rewritten graphs run eagerly (inner="eager": no Inductor
 compile time). Speedup = 1 / backend.stats()["flops_ratio"]. Quality: digit-classifier accuracy,
-Frechet distance of classifier features to the real digits, PSNR against the uncached samples.
+Frechet distance of classifier features to the real data, PSNR against the uncached samples.
 HarmoniCa: one router per target speedup, started from FORA's schedule at the nearest interval (2 or
 3) and trained (`--iterations`) with every forward reusing the fraction of (step, branch) pairs that
 the target implies (`TrainConfig.target_reuse`), then thresholded (`Router.with_threshold`) at the gate
@@ -28,14 +28,13 @@ import torch
 from toca_fx import FORAPolicy, Router, ToCaBackend, ToCaConfig
 from toca_fx.eval.metrics import (classifier_accuracy, classifier_features, digits_frechet_distance,
                              features_frechet_distance, psnr)
-from toca_fx.models.digits import load_digits_classifier, load_digits_dit
+from toca_fx.eval.quality import MODELS, load_quality_model, sample_shape
 from toca_fx.router import TrainConfig, train
 from toca_fx.eval.sampling import ddim_sample
 
 TARGETS = (1.5, 2.0, 3.0)
 TOCA_GRID = [(i, r) for i in (2, 3, 4, 6) for r in (0.1, 0.3, 0.5)]
 FORA_INTERVALS = (2, 3, 4)
-SHAPE = (1, 16, 16)
 
 
 def sample(
@@ -44,10 +43,10 @@ def sample(
     """Samples, and the backend that cached them (None: uncached)."""
     torch._dynamo.reset()
     if config is None:
-        return ddim_sample(model, labels, SHAPE, steps=steps, seed=0), None
+        return ddim_sample(model, labels, sample_shape(model), steps=steps, seed=0), None
     backend = ToCaBackend(config)
     fast = torch.compile(model, backend=backend, dynamic=False)
-    return ddim_sample(fast, labels, SHAPE, steps=steps, seed=0), backend
+    return ddim_sample(fast, labels, sample_shape(model), steps=steps, seed=0), backend
 
 
 def generate(
@@ -114,15 +113,15 @@ def evaluate(images: torch.Tensor, reference: torch.Tensor, labels: torch.Tensor
     }
 
 
-def policies(model: torch.nn.Module, routers: dict[float, Router], steps: int
+def policies(model: torch.nn.Module, routers: dict[float, Router], steps: int, tiny: bool = False
              ) -> tuple[list[tuple[str, float, ToCaConfig]], list[tuple[float, str, str]]]:
     """(name, speedup, config) for each method at each target speedup, and (target, HarmoniCa's row,
-    FORA's row) for each target."""
+    FORA's row) for each target with a router (`tiny`: one ToCa setting and one FORA interval)."""
     toca = [(speedup(model, c, steps), c) for c in
-            (ToCaConfig(interval=i, ratio=r, num_steps=steps, inner="eager") for i, r in TOCA_GRID)]
+            (ToCaConfig(interval=i, ratio=r, num_steps=steps, inner="eager") for i, r in TOCA_GRID[:1 if tiny else None])]
     fora = [(speedup(model, c, steps), c) for c in
-            (ToCaConfig(policy=FORAPolicy(i), num_steps=steps, inner="eager") for i in FORA_INTERVALS)]
-    outside, branch = flop_model(model, steps)
+            (ToCaConfig(policy=FORAPolicy(i), num_steps=steps, inner="eager") for i in FORA_INTERVALS[:1 if tiny else None])]
+    outside, branch = flop_model(model, steps) if routers else (0, torch.zeros(0))
     rows, pairs = [], []
     for target in TARGETS:
         s, c = nearest(toca, target)
@@ -130,6 +129,8 @@ def policies(model: torch.nn.Module, routers: dict[float, Router], steps: int
         s, c = nearest(fora, target)
         rows.append((f"FORA interval={c.policy.interval}", s, c))
         fora_name = rows[-1][0]
+        if target not in routers:
+            continue
         s, r = calibrate(routers[target], target, outside, branch)
         print(f"router for {target}x: threshold {routers[target].threshold:.4f} -> {r.threshold:.4f}, "
               f"estimated speedup {estimated_speedup(routers[target], outside, branch):.3f}x -> {s:.3f}x",
@@ -164,12 +165,13 @@ def target_reuse(target: float, steps: int) -> float:
 
 def train_routers(model: torch.nn.Module, args: argparse.Namespace, targets: list[float]) -> dict[float, Router]:
     routers = {}
+    Path(args.router).parent.mkdir(parents=True, exist_ok=True)
     for target in targets:
         start = time.time()
         config = TrainConfig(num_steps=args.steps, iterations=args.iterations, beta=args.beta, batch=args.batch,
                              lr=args.lr, target_reuse=target_reuse(target, args.steps),
                              init_interval=max(2, round(target)))
-        result = train(model, SHAPE, config=config, path=f"{args.router}_{target}x.pt")
+        result = train(model, sample_shape(model), config=config, path=f"{args.router}_{target}x.pt")
         routers[target] = result.router
         reused = 1 - result.router.computes()[1:].float().mean().item()
         print(f"router for {target}x: reuses {reused:.1%} of steps >= 1 (target {config.target_reuse:.1%}), "
@@ -181,16 +183,17 @@ def train_routers(model: torch.nn.Module, args: argparse.Namespace, targets: lis
 
 
 def quality_table(args: argparse.Namespace) -> None:
-    model, classifier = load_digits_dit(args.device), load_digits_classifier(args.device)
-    labels = torch.arange(args.samples, device=args.device) % 10
+    qm = load_quality_model(args.model, args.device, tiny=args.tiny, checkpoint_dir=args.checkpoints)
+    model, classifier = qm.model, qm.classifier
+    labels = torch.arange(args.samples, device=args.device) % qm.num_classes
     start = time.time()
-    trained = [] if args.load_routers else [float(t) for t in args.train.split(",")] if args.train else list(TARGETS)
+    trained = [] if args.load_routers or args.no_router else [float(t) for t in args.train.split(",")] if args.train else list(TARGETS)
     if any(t not in TARGETS for t in trained):
         raise ValueError(f"--train takes targets among {TARGETS}, got {args.train!r}")
-    routers = {t: Router.load(f"{args.router}_{t}x.pt") for t in TARGETS if t not in trained}
+    routers = {} if args.no_router else {t: Router.load(f"{args.router}_{t}x.pt") for t in TARGETS if t not in trained}
     routers.update(train_routers(model, args, trained))
     reference, _ = generate(model, None, labels, args.steps)
-    candidates, pairs = policies(model, routers, args.steps)
+    candidates, pairs = policies(model, routers, args.steps, args.tiny)
     unique = {name: (name, s, c) for name, s, c in candidates}
     rows = [("uncached", 1.0, None)] + sorted(unique.values(), key=lambda r: (r[1], r[0]))
     print("| policy | speedup (FLOPs) | accuracy | Frechet distance | PSNR vs uncached (dB) |")
@@ -214,8 +217,8 @@ def quality_table(args: argparse.Namespace) -> None:
 def compile_cost(args: argparse.Namespace) -> None:
     """Distinct plans per generation and Inductor compile seconds of each (first call of a plan minus
     a later call of it), for ToCa's defaults, FORA and a router."""
-    model = load_digits_dit()
-    x, t, y = torch.randn(2, *SHAPE), torch.full((2,), 500), torch.tensor([3, 10])
+    model = load_quality_model(args.model, tiny=args.tiny, checkpoint_dir=args.checkpoints).model
+    x, t, y = torch.randn(2, *sample_shape(model)), torch.full((2,), 500), torch.tensor([3, model.num_classes])
     saved = Path(f"{args.router}_{TARGETS[1]}x.pt")
     router = Router.load(saved) if saved.exists() else Router(torch.rand(args.steps, 12))
     print("| policy | distinct plans in a generation | compile seconds (each plan compiled) |")
@@ -238,8 +241,12 @@ def compile_cost(args: argparse.Namespace) -> None:
         print(f"| {name} | {plans} | {', '.join(f'{s:.1f}' for s in seconds)} |", flush=True)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=MODELS, default="digits")
+    parser.add_argument("--tiny", action="store_true",
+                        help="random 8x8 models, 4 samples, 4 steps, 2 router iterations (the harness path)")
+    parser.add_argument("--checkpoints", default=None, help="folder with <model>_dit.pt, <model>_classifier.pt")
     parser.add_argument("--samples", type=int, default=100)
     parser.add_argument("--device", default="cpu", help="quality table only; compile cost is measured on CPU")
     parser.add_argument("--steps", type=int, default=20)
@@ -248,11 +255,14 @@ def main() -> None:
     parser.add_argument("--beta", type=float, default=1e-3, help="router training: cache-use coefficient")
     parser.add_argument("--lr", type=float, default=TrainConfig.lr, help="router training: SGD learning rate")
     parser.add_argument("--router", default="router_digits", help="trained routers go to <this>_<target>x.pt")
+    parser.add_argument("--no-router", action="store_true", help="ToCa and FORA only (no HarmoniCa rows)")
     parser.add_argument("--load-routers", action="store_true", help="evaluate the routers saved at --router")
     parser.add_argument("--train", help="comma-separated targets to train (default: all); the others load from --router")
     parser.add_argument("--compile-cost", action="store_true", help="measure Inductor compile time per plan")
     parser.add_argument("--max-compiles", type=int, default=4, help="compile-cost: plans timed per policy")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.tiny:
+        args.samples, args.steps, args.iterations, args.batch = 4, 4, 2, 2
     if args.compile_cost:
         compile_cost(args)
     else:

@@ -1,12 +1,20 @@
-"""Quality against theoretical speedup on the embedded digits DiT: toca_fx and two naive alternatives.
+"""Quality against theoretical speedup on an embedded trained DiT: toca_fx (ToCa settings, FORA) and two
+naive alternatives, with bootstrap intervals.
 
-    python benchmarks/quality_curve.py --samples 1000 --out docs/
+    python benchmarks/quality_curve.py --model glyphs --samples 1000 --steps 20 --out docs/
+    python benchmarks/quality_curve.py --model digits --samples 1000 --steps 25 --out docs/
+    python benchmarks/quality_curve.py --model glyphs --tiny --out /tmp/q      # harness path, seconds on CPU
 
-- toca_fx at several (interval, ratio) settings; FLOP ratio from `backend.stats()` (counted from graphs).
+- toca_fx at several ToCa (interval, ratio) settings, and FORA (whole branches reused between full
+  steps); FLOP ratio from `backend.stats()` (counted from the rewritten graphs, run eagerly).
 - fewer sampling steps: DDIM with k < S steps (FLOP ratio k / S).
-- whole-step reuse: every other (third, ...) call returns the previous call's output unchanged.
-Every sample starts from the same noise; PSNR and relative L2 compare with the uncached S-step sample.
-Writes quality.json, a markdown table (quality_table.md) and a plot (quality_curve.png, with matplotlib).
+- whole-step reuse: every 2nd (3rd, ...) call returns the previous call's output unchanged.
+Every setting starts from the same noise (labels 0, 1, ... in turn). Metrics: classifier accuracy,
+Frechet distance of classifier features to the real data's reference statistics, and PSNR, SSIM and
+relative L2 against the uncached sample from the same noise, each with a 95% bootstrap interval; at
+`--compare-at` x the best-matching ToCa, FORA and fewer-steps rows are compared pairwise with paired
+intervals. Writes quality_<model>.json, quality_<model>_table.md, quality_<model>.png (matplotlib) and
+the per-sample records quality_<model>_records.pt.
 """
 from __future__ import annotations
 
@@ -18,92 +26,210 @@ from typing import Callable
 
 import torch
 
-from toca_fx import ToCaBackend, ToCaConfig
-from toca_fx.eval.metrics import classifier_accuracy, digits_frechet_distance, psnr, relative_l2
-from toca_fx.models.digits import RESOLUTION, load_digits_classifier, load_digits_dit
-from toca_fx.eval.sampling import ddim_sample
+from toca_fx import FORAPolicy, ToCaBackend, ToCaConfig
+from toca_fx.eval.intervals import excludes_zero
+from toca_fx.eval.quality import (MODELS, QualityModel, compare, eval_labels, load_quality_model, record,
+                                  sample_in_chunks, shared_noise, summarize)
 
-TOCA_SETTINGS = [(2, 0.5), (3, 0.3), (4, 0.3), (5, 0.2), (6, 0.1), (8, 0.1)]
+TOCA_SETTINGS = [(2, 0.5), (3, 0.3), (4, 0.3), (4, 0.1), (5, 0.2), (6, 0.1), (8, 0.1), (10, 0.05)]
+FORA_INTERVALS = (2, 3, 4, 5, 6)
+STEP_FRACTIONS = (0.15, 0.2, 0.3, 0.4, 0.5, 0.7)
+REUSE_EVERY = (2, 3, 4)
+FAMILIES = ("ToCa", "FORA", "fewer steps", "whole-step reuse")
 
 
 class StepReuse:
-    """Whole-step reuse: compute every `every`-th call, return the last output in between."""
+    """Whole-step reuse: compute step s of each `steps`-call generation when s % every == 0, return the
+    last computed output otherwise."""
 
-    def __init__(self, model: Callable, every: int):
-        self.model, self.every, self.calls, self.last = model, every, 0, None
-        self.computed = 0
+    def __init__(self, model: Callable, every: int, steps: int):
+        self.model, self.every, self.steps = model, every, steps
+        self.calls, self.computed, self.last = 0, 0, None
 
     def __call__(self, *args):
-        if self.calls % self.every == 0:
+        if (self.calls % self.steps) % self.every == 0:
             self.last = self.model(*args)
             self.computed += 1
         self.calls += 1
         return self.last
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", choices=MODELS, default="digits")
+    p.add_argument("--tiny", action="store_true", help="random 8x8 models, 8 samples, 4 steps, one or two settings per family")
     p.add_argument("--samples", type=int, default=1000)
-    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--chunk", type=int, default=500, help="samples per generation")
+    p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples")
+    p.add_argument("--compare-at", type=float, default=3.0, help="theoretical speedup of the pairwise comparison")
+    p.add_argument("--checkpoints", type=Path, default=None, help="folder with <model>_dit.pt, <model>_classifier.pt")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="model weights and inputs")
+    p.add_argument("--cfg", type=float, default=1.5, help="classifier-free guidance scale")
+    p.add_argument("--only", default=None, help="comma-separated setting names to run (default: all)")
     p.add_argument("--out", type=Path, default=Path("docs"))
     args = p.parse_args(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_digits_dit(device=device).eval()
-    classifier = load_digits_classifier(device=device)
-    labels = torch.arange(10, device=device).repeat(args.samples // 10)
-    shape = (1, RESOLUTION, RESOLUTION)
+    if args.tiny:
+        args.samples, args.steps, args.chunk, args.resamples = 8, 4, 8, 20
+    return args
 
-    def sample(fn: Callable, steps: int = args.steps) -> torch.Tensor:
-        return ddim_sample(fn, labels, shape, steps=steps, seed=0, null_label=model.num_classes)
 
-    base = sample(model)
-    rows = [_row("uncached", "uncached", 1.0, base, base, labels, classifier)]
-    for interval, ratio in TOCA_SETTINGS:
-        backend = ToCaBackend(ToCaConfig(interval=interval, ratio=ratio, num_steps=args.steps, inner="eager"))
+def settings(args: argparse.Namespace) -> list[tuple[str, str, object]]:
+    """(name, family, what to run) for every row after the uncached one."""
+    rows = _all_settings(args)
+    if args.only is None:
+        return rows
+    wanted = [w.strip() for w in args.only.split(",")]
+    unknown = set(wanted) - {r[0] for r in rows}
+    if unknown:
+        raise ValueError(f"--only names unknown settings {sorted(unknown)}")
+    return [r for r in rows if r[0] in wanted]
+
+
+def _all_settings(args: argparse.Namespace) -> list[tuple[str, str, object]]:
+    toca = TOCA_SETTINGS[:1] if args.tiny else TOCA_SETTINGS
+    fora = FORA_INTERVALS[:1] if args.tiny else FORA_INTERVALS
+    steps = sorted({max(2, round(args.steps * f)) for f in STEP_FRACTIONS} - {args.steps})
+    rows = [(f"ToCa N={i} r={r}", "ToCa", ToCaConfig(interval=i, ratio=r, num_steps=args.steps, inner="eager"))
+            for i, r in toca]
+    rows += [(f"FORA N={i}", "FORA", ToCaConfig(policy=FORAPolicy(i), num_steps=args.steps, inner="eager"))
+             for i in fora]
+    rows += [(f"{k} DDIM steps", "fewer steps", k) for k in (steps[:2] if args.tiny else steps)]
+    rows += [(f"whole-step reuse 1 in {e}", "whole-step reuse", e) for e in (REUSE_EVERY[:1] if args.tiny else REUSE_EVERY)]
+    return rows
+
+
+def run_setting(qm: QualityModel, family: str, what: object, noise: torch.Tensor, labels: torch.Tensor,
+                args: argparse.Namespace) -> tuple[torch.Tensor, float]:
+    """Samples (CPU) and FLOP ratio of one setting."""
+    def go(fn: Callable, steps: int = args.steps) -> torch.Tensor:
+        return sample_in_chunks(fn, noise, labels, steps, args.chunk, qm.num_classes, args.device,
+                                cfg_scale=args.cfg, dtype=qm.dtype)
+
+    if family in ("ToCa", "FORA"):
         torch._dynamo.reset()
-        out = sample(torch.compile(model, backend=backend, dynamic=False))
-        name = f"toca_fx N={interval} r={ratio}" + (" (default)" if (interval, ratio) == (4, 0.3) else "")
-        rows.append(_row(name, "toca_fx", backend.stats()["flops_ratio"], out, base, labels, classifier))
-    for steps in sorted({max(2, round(args.steps * f)) for f in (0.2, 0.3, 0.4, 0.5, 0.7)}):
-        rows.append(_row(f"{steps} DDIM steps", "fewer steps", steps / args.steps, sample(model, steps), base, labels, classifier))
-    for every in (2, 3, 4):
-        reuse = StepReuse(model, every)
-        out = sample(reuse)
-        rows.append(_row(f"reuse whole step, compute 1 in {every}", "whole-step reuse", reuse.computed / args.steps, out, base, labels, classifier))
+        backend = ToCaBackend(what)
+        images = go(torch.compile(qm.model, backend=backend, dynamic=False))
+        return images, backend.stats()["flops_ratio"]
+    if family == "fewer steps":
+        return go(qm.model, what), what / args.steps
+    reuse = StepReuse(qm.model, what, args.steps)
+    images = go(reuse)
+    return images, reuse.computed / reuse.calls
+
+
+def _row(name: str, family: str, flops_ratio: float, summary: dict, seconds: float) -> dict:
+    return {"setting": name, "family": family, "flops_ratio": flops_ratio, "speedup": 1 / flops_ratio,
+            "seconds": seconds, **{k: list(v) for k, v in summary.items()}}
+
+
+def comparisons(rows: list[dict], records: dict[str, dict], qm: QualityModel, args) -> list[dict]:
+    """Pairwise paired differences between the ToCa, FORA and fewer-steps rows nearest `--compare-at`."""
+    chosen = []
+    for family in ("ToCa", "FORA", "fewer steps"):
+        candidates = [r for r in rows if r["family"] == family]
+        if candidates:
+            chosen.append(min(candidates, key=lambda r: abs(r["speedup"] - args.compare_at)))
+    out = []
+    for i, a in enumerate(chosen):
+        for b in chosen[i + 1:]:
+            diff = compare(records[a["setting"]], records[b["setting"]], qm.classifier, args.resamples)
+            out.append({"a": a["setting"], "b": b["setting"], "a_speedup": a["speedup"], "b_speedup": b["speedup"],
+                        **{k: list(v) for k, v in diff.items()}})
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    torch.set_float32_matmul_precision("high")
+    qm = load_quality_model(args.model, args.device, tiny=args.tiny, checkpoint_dir=args.checkpoints,
+                            dtype=getattr(torch, args.dtype))
+    labels = eval_labels(args.samples, qm.num_classes)
+    noise = shared_noise(args.samples, qm.shape)
+    begin = time.time()
+    base = sample_in_chunks(qm.model, noise, labels, args.steps, args.chunk, qm.num_classes, args.device,
+                            cfg_scale=args.cfg, dtype=qm.dtype)
+    records = {"uncached": record(base, base, labels, qm.classifier)}
+    rows = [_row("uncached", "uncached", 1.0, summarize(records["uncached"], qm.classifier, args.resamples),
+                 time.time() - begin)]
+    print(f"uncached: {time.time() - begin:.1f}s", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "quality.json").write_text(json.dumps(rows, indent=1))
-    table = _table(rows, args)
-    (args.out / "quality_table.md").write_text(table + "\n")
+    stem = args.out / f"quality_{args.model}"
+    for name, family, what in settings(args):
+        begin = time.time()
+        images, ratio = run_setting(qm, family, what, noise, labels, args)
+        records[name] = record(images, base, labels, qm.classifier)
+        rows.append(_row(name, family, ratio, summarize(records[name], qm.classifier, args.resamples),
+                         time.time() - begin))
+        print(f"{name}: {1 / ratio:.2f}x, accuracy {rows[-1]['accuracy'][0]:.3f}, FD {rows[-1]['frechet'][0]:.2f}, "
+              f"{rows[-1]['seconds']:.1f}s", flush=True)
+        Path(f"{stem}.json").write_text(json.dumps({"meta": _meta(args), "rows": rows}, indent=1))  # so far
+    result = {"meta": _meta(args), "rows": rows, "comparisons": comparisons(rows, records, qm, args)}
+    Path(f"{stem}.json").write_text(json.dumps(result, indent=1))
+    torch.save({k: {m: v.float() for m, v in r.items()} for k, r in records.items()}, f"{stem}_records.pt")
+    table = tables(result)
+    Path(f"{stem}_table.md").write_text(table + "\n")
     print(table)
-    _plot(rows, args.out / "quality_curve.png")
+    plot(result, Path(f"{stem}.png"))
+    return result
 
 
-def _row(name, family, flops_ratio, images, base, labels, classifier) -> dict:
-    return {
-        "setting": name,
-        "family": family,
-        "flops_ratio": flops_ratio,
-        "speedup": 1.0 / flops_ratio,
-        "accuracy": classifier_accuracy(classifier, images, labels),
-        "frechet": digits_frechet_distance(classifier, images),
-        "psnr": psnr(images, base).clamp(max=100).mean().item(),
-        "rel_l2": relative_l2(images, base).mean().item(),
-    }
+def _meta(args: argparse.Namespace) -> dict:
+    device = torch.cuda.get_device_name() if str(args.device).startswith("cuda") else "cpu"
+    return {"model": args.model, "tiny": args.tiny, "samples": args.samples, "steps": args.steps,
+            "guidance": args.cfg, "dtype": args.dtype, "seed": 0, "resamples": args.resamples, "date": time.strftime("%Y-%m-%d"),
+            "device": device, "torch": torch.__version__, "commit": _commit()}
 
 
-def _table(rows: list[dict], args) -> str:
-    head = (f"{args.samples} samples, {args.steps} DDIM steps, guidance 1.5, seed 0; "
-            f"{time.strftime('%Y-%m-%d')}; torch {torch.__version__}; "
-            f"command: python benchmarks/quality_curve.py --samples {args.samples} --steps {args.steps}")
-    lines = [head, "", "| setting | FLOP ratio | theoretical speedup | accuracy | Frechet distance | PSNR vs uncached (dB) | rel L2 |",
+def _commit() -> str:
+    """The checkout's commit (with + when files differ from it), or "unknown" outside git."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+" if dirty else "")
+
+
+def _ci(v: list[float], fmt: str) -> str:
+    return f"{v[0]:{fmt}} [{v[1]:{fmt}}, {v[2]:{fmt}}]"
+
+
+def _diff(v: list[float], fmt: str) -> str:
+    mark = " *" if excludes_zero(tuple(v)) else ""
+    return f"{v[0]:+{fmt}} [{v[1]:+{fmt}}, {v[2]:+{fmt}}]{mark}"
+
+
+def tables(result: dict) -> str:
+    """The markdown tables: one row per setting, then the pairwise comparisons (* : interval excludes 0)."""
+    m = result["meta"]
+    lines = [f"{m['model']}: {m['samples']} samples, {m['steps']} DDIM steps, guidance {m['guidance']}, seed "
+             f"{m['seed']}, {m['dtype']}; {m['date']}, {m['device']}, torch {m['torch']}, commit "
+             f"{m.get('commit', 'unknown')}; 95% bootstrap intervals "
+             f"({m['resamples']} resamples)", "",
+             "| setting | theoretical speedup | accuracy | Frechet distance | PSNR vs uncached (dB) | SSIM | rel L2 |",
              "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['setting']} | {r['flops_ratio']:.3f} | {r['speedup']:.2f}x | {r['accuracy']:.3f} | "
-                     f"{r['frechet']:.1f} | {r['psnr']:.1f} | {r['rel_l2']:.4f} |")
+    for r in result["rows"]:
+        pairwise = ("-", "-", "-") if r["family"] == "uncached" else (
+            _ci(r["psnr"], ".1f"), _ci(r["ssim"], ".3f"), _ci(r["rel_l2"], ".3f"))
+        lines.append(f"| {r['setting']} | {r['speedup']:.2f}x | {_ci(r['accuracy'], '.3f')} | "
+                     f"{_ci(r['frechet'], '.1f')} | " + " | ".join(pairwise) + " |")
+    lines += ["", "| a - b | accuracy | Frechet distance | PSNR (dB) | SSIM | rel L2 |", "|---|---|---|---|---|---|"]
+    for c in result["comparisons"]:
+        lines.append(f"| {c['a']} ({c['a_speedup']:.2f}x) - {c['b']} ({c['b_speedup']:.2f}x) | "
+                     f"{_diff(c['accuracy'], '.3f')} | {_diff(c['frechet'], '.1f')} | {_diff(c['psnr'], '.1f')} | "
+                     f"{_diff(c['ssim'], '.3f')} | {_diff(c['rel_l2'], '.3f')} |")
     return "\n".join(lines)
 
 
-def _plot(rows: list[dict], path: Path) -> None:
+def plot(result: dict, path: Path) -> None:
+    """Accuracy, Frechet distance and PSNR against theoretical speedup, with interval bars."""
     try:
         import matplotlib
 
@@ -112,20 +238,32 @@ def _plot(rows: list[dict], path: Path) -> None:
     except ImportError:
         print("matplotlib not installed: no plot")
         return
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for family, marker in (("toca_fx", "o-"), ("fewer steps", "s--"), ("whole-step reuse", "^:")):
-        pts = sorted((r["speedup"], r["frechet"], r["psnr"]) for r in rows if r["family"] == family)
-        axes[0].plot([p[0] for p in pts], [p[1] for p in pts], marker, label=family)
-        axes[1].plot([p[0] for p in pts], [p[2] for p in pts], marker, label=family)
-    base = next(r for r in rows if r["family"] == "uncached")
-    axes[0].axhline(base["frechet"], color="grey", lw=0.8, label="uncached")
-    axes[0].set(xlabel="theoretical speedup", ylabel="Frechet distance (lower is better)")
-    axes[1].set(xlabel="theoretical speedup", ylabel="PSNR vs uncached, dB (higher is better)")
-    for ax in axes:
-        ax.legend()
+    rows = result["rows"]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    metrics = (("accuracy", "classifier accuracy"), ("frechet", "Frechet distance (lower is better)"),
+               ("psnr", "PSNR vs uncached, dB"))
+    for family, marker in zip(FAMILIES, ("o-", "D-", "s--", "^:")):
+        pts = sorted((r for r in rows if r["family"] == family), key=lambda r: r["speedup"])
+        if not pts:
+            continue
+        for ax, (key, _) in zip(axes, metrics):
+            xs = [p["speedup"] for p in pts]
+            ys = [p[key][0] for p in pts]
+            # A bootstrap FD interval can lie above its estimate (see tables): bars clipped at the point.
+            err = [[max(0.0, p[key][0] - p[key][1]) for p in pts], [max(0.0, p[key][2] - p[key][0]) for p in pts]]
+            ax.errorbar(xs, ys, yerr=err, fmt=marker, capsize=2, label=family)
+    base = rows[0]
+    for ax, (key, label) in zip(axes, metrics):
+        if key != "psnr":
+            ax.axhline(base[key][0], color="grey", lw=0.8, label="uncached")
+        ax.set(xlabel="theoretical speedup", ylabel=label)
         ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    m = result["meta"]
+    fig.suptitle(f"{m['model']} DiT: {m['samples']} samples, {m['steps']} steps ({m['date']}, {m['device']})")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
