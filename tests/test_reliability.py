@@ -221,3 +221,19 @@ def test_a_deleted_model_takes_its_caches_with_it():
     gc.collect()
     assert backend.runtime.nbytes == 0
 
+
+
+
+def test_a_large_batch_still_reads_its_timestep(model):
+    from toca_fx.analysis.timestep import timestep_inputs
+
+    found = []
+
+    def recording(gm, inputs):
+        found.extend(tuple(inputs[i].shape) for i in timestep_inputs(gm.graph, inputs))
+        return gm
+
+    fast = torch.compile(model, backend=recording, dynamic=False)
+    with torch.no_grad():
+        fast(*step_inputs(model, 1, batch=96)[0])
+    assert found == [(96,)]

@@ -1,6 +1,6 @@
 """The inputs of a graph that carry the denoising timestep, found by what the graph does with them.
 
-Matches: a graph input that is not a parameter, holds at most a handful of numbers (a 0-d tensor, a
+Matches: a graph input that is not a parameter, holds at most one number per sample (a 0-d tensor, a
 [B] vector, a Python number), and reaches a sine or cosine before any matmul: the sinusoidal timestep
 embedding every DiT starts with. Class labels go through an embedding lookup and latents through a
 patch embedding (a matmul or convolution), so neither matches; a guidance-strength input embedded the
@@ -18,7 +18,7 @@ import torch.fx as fx
 
 from .graphs import op_name
 
-_MAX_NUMEL = 64  # a timestep is one number per sample at most
+_MIN_BATCH = 64  # numbers a timestep input may hold even when no input shows the batch
 _EMBED = {"sin", "cos"}
 _FROM_NUMBER = {"tensor", "scalar_tensor", "full"}
 _STOP = {"linear", "matmul", "bmm", "mm", "addmm", "einsum", "conv1d", "conv2d", "conv3d", "embedding",
@@ -29,7 +29,7 @@ def timestep_inputs(graph: fx.Graph, example_inputs: list[Any]) -> list[int]:
     """Positions of the placeholders that carry the timestep (see the module's doc)."""
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     return [i for i, (node, value) in enumerate(zip(placeholders, example_inputs))
-            if _small(value) and _reaches_embedding(node)]
+            if _small(value, _batch(example_inputs)) and _reaches_embedding(node)]
 
 
 def timestep_constants(graph: fx.Graph) -> tuple[float, ...]:
@@ -45,11 +45,19 @@ def parameter_inputs(example_inputs: list[Any]) -> list[int]:
     return [i for i, x in enumerate(example_inputs) if isinstance(x, torch.nn.Parameter)]
 
 
-def _small(value: Any) -> bool:
+def _batch(example_inputs: list[Any]) -> int:
+    """The largest leading size of the non-parameter inputs with 3 or more axes (latents): a
+    timestep holds one number per sample at most."""
+    sizes = [x.shape[0] for x in example_inputs
+             if isinstance(x, torch.Tensor) and not isinstance(x, torch.nn.Parameter) and x.dim() >= 3]
+    return max([_MIN_BATCH, *sizes])
+
+
+def _small(value: Any, batch: int) -> bool:
     if isinstance(value, torch.nn.Parameter):
         return False
     if isinstance(value, torch.Tensor):
-        return value.dim() <= 1 and value.numel() <= _MAX_NUMEL and not value.dtype.is_complex and value.dtype != torch.bool
+        return value.dim() <= 1 and value.numel() <= batch and not value.dtype.is_complex and value.dtype != torch.bool
     return isinstance(value, (int, float, torch.SymInt, torch.SymFloat)) and not isinstance(value, bool)
 
 
