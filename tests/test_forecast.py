@@ -202,3 +202,15 @@ def test_a_new_generation_restarts_the_factors():
         first = [fast(*args) for args in inputs]
         second = [fast(*args) for args in inputs]
     assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+@pytest.mark.parametrize("name, full, ratio", [
+    ("taylorseer-flux", [0, 1, 2, 8, 14, 20, 26, 32, 38, 44], 5.0),  # the paper's 4.99x FLUX setting
+    ("taylorseer-flux-28", [0, 1, 2, 8, 14, 20, 26], 4.0),
+    ("taylorseer-dit", [0, 1, 5, 9, 13, 17, 21, 25, 29, 33, 37, 41, 45, 49], 50 / 14),  # README: 3.57x
+])
+def test_taylorseer_presets_follow_the_published_schedules(name, full, ratio):
+    config = ToCaConfig.preset(name)
+    steps = [s for s in range(config.num_steps) if config.policy.label(s, config.num_steps) == StepKind.FULL]
+    assert steps == full and config.num_steps / len(steps) == pytest.approx(ratio)
+    assert config.forecast_order in (1, 2) and config.forecast_dtype == torch.bfloat16

@@ -114,7 +114,8 @@ class ToCaConfig:
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> "ToCaConfig":
-        """The settings of ToCa's paper and code for "dit", "pixart", "opensora", "flux" (see
+        """The settings of ToCa's paper and code for "dit", "pixart", "opensora", "flux", and TaylorSeer's
+        for "taylorseer-flux" (50 steps), "taylorseer-flux-28", "taylorseer-dit" (see
         `toca_fx.policies.presets.PRESETS` for their sources); keywords override them."""
         if name not in PRESETS:
             raise ValueError(f"ToCaConfig.preset name must be one of {tuple(PRESETS)}, got {name!r}")
