@@ -214,3 +214,13 @@ def test_taylorseer_presets_follow_the_published_schedules(name, full, ratio):
     steps = [s for s in range(config.num_steps) if config.policy.label(s, config.num_steps) == StepKind.FULL]
     assert steps == full and config.num_steps / len(steps) == pytest.approx(ratio)
     assert config.forecast_order in (1, 2) and config.forecast_dtype == torch.bfloat16
+
+
+def test_fills_of_a_forecasting_branch_are_kept():
+    from toca_fx.policies.plan import drop_dead_fills
+
+    fill, forecast = BranchPlan(Mode.FILL), BranchPlan(Mode.FORECAST)
+    reuse = [{0: fill}, {0: fill}, {0: BranchPlan(Mode.REUSE)}]
+    kept = [{0: fill}, {0: fill}, {0: forecast}]
+    assert drop_dead_fills(reuse)[0][0].mode == Mode.COMPUTE  # written again before it is read
+    assert drop_dead_fills(kept) == kept  # the second fill's divided differences read the first
