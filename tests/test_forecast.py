@@ -219,8 +219,8 @@ def test_taylorseer_presets_follow_the_published_schedules(name, full, ratio):
 def test_fills_of_a_forecasting_branch_are_kept():
     from toca_fx.policies.plan import drop_dead_fills
 
-    fill, forecast = BranchPlan(Mode.FILL), BranchPlan(Mode.FORECAST)
-    reuse = [{0: fill}, {0: fill}, {0: BranchPlan(Mode.REUSE)}]
-    kept = [{0: fill}, {0: fill}, {0: forecast}]
-    assert drop_dead_fills(reuse)[0][0].mode == Mode.COMPUTE  # written again before it is read
-    assert drop_dead_fills(kept) == kept  # the second fill's divided differences read the first
+    fill, reuse, forecast = BranchPlan(Mode.FILL), BranchPlan(Mode.REUSE), BranchPlan(Mode.FORECAST)
+    reusing = [{0: fill, 1: fill}, {0: fill, 1: reuse}, {0: reuse, 1: reuse}]
+    forecasting = [{0: fill, 1: fill}, {0: fill, 1: reuse}, {0: forecast, 1: reuse}]
+    assert drop_dead_fills(reusing)[0][0].mode == Mode.COMPUTE  # written again before it is read
+    assert drop_dead_fills(forecasting) == forecasting  # the second fill's divided differences read the first
