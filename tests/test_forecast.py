@@ -224,3 +224,16 @@ def test_fills_of_a_forecasting_branch_are_kept():
     forecasting = [{0: fill, 1: fill}, {0: fill, 1: reuse}, {0: forecast, 1: reuse}]
     assert drop_dead_fills(reusing)[0][0].mode == Mode.COMPUTE  # written again before it is read
     assert drop_dead_fills(forecasting) == forecasting  # the second fill's divided differences read the first
+
+
+def test_router_and_fora_forecast_what_they_would_reuse():
+    from types import SimpleNamespace
+
+    from toca_fx import Router
+
+    branches = [SimpleNamespace(index=i) for i in range(2)]
+    router = Router(torch.tensor([[1.0, 1.0], [0.9, 0.1]])).forecasting()
+    assert router.forecasts and router.plans(1, 2, branches) == {0: BranchPlan(Mode.FILL), 1: BranchPlan(Mode.FORECAST)}
+    assert FORAPolicy(2, forecast=True).plans(1, 4, branches) == {0: BranchPlan(Mode.FORECAST), 1: BranchPlan(Mode.FORECAST)}
+    with pytest.raises(ValueError, match=r"ToCaConfig\.forecast_order must be"):
+        ToCaConfig(policy=router, num_steps=2)
