@@ -133,7 +133,7 @@ def test_ramp_ends():
     assert ramp((1.8, 0.2), 0, 1) == 1.8
 
 
-@pytest.mark.parametrize("name", list(PRESETS))
+@pytest.mark.parametrize("name", [n for n in PRESETS if not n.startswith("taylorseer")])  # ToCa's
 def test_presets_build_and_accept_overrides(name):
     config = ToCaConfig.preset(name, num_steps=10)
     assert config.num_steps == 10 and config.self_attn == "reuse"

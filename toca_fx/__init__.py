@@ -9,10 +9,11 @@ from .explain import Report, explain
 from .pipeline import disable, enable
 from .policies.fora import FORAPolicy
 from .policies.learned import Router
+from .policies.taylorseer import TaylorSeerPolicy
 
 toca_backend = ToCaBackend()
 
 __all__ = [
-    "FORAPolicy", "Report", "Router", "ToCaBackend", "ToCaConfig", "ToCaWarning", "disable", "enable", "explain",
-    "toca_backend",
+    "FORAPolicy", "Report", "Router", "TaylorSeerPolicy", "ToCaBackend", "ToCaConfig", "ToCaWarning", "disable",
+    "enable", "explain", "toca_backend",
 ]

@@ -7,6 +7,8 @@ from dataclasses import dataclass, fields, replace
 from functools import partial
 from typing import Any, Mapping
 
+import torch
+
 from .ops.scores import DEFAULT_WEIGHTS, SCORES
 from .policies.plan import Policy
 from .policies.presets import PRESETS
@@ -74,6 +76,13 @@ class ToCaConfig:
         its ends, so a step schedule compiles at most this many partial graphs (each distinct plan is
         one compilation); 0 keeps it exact (one graph per partial step).
     full_last: the last `full_last` steps of a generation are full steps.
+    forecast_order: None (no forecasting), or the highest order 0-2 of the Taylor factors each branch
+        keeps (TaylorSeer, `toca_fx.ops.forecast`): fills update them by divided differences and
+        `Mode.FORECAST` plans add the extrapolation in the steps since the last fill. With it, ToCa's
+        schedule forecasts where it would reuse and, for branches that recompute chosen tokens,
+        forecasts the others (the hybrid). Order 0 is reuse (and the hybrid ToCa's rows) exactly.
+    forecast_dtype: the dtype of the factors of order >= 1 (the order-0 factor is the cache, in the
+        model's dtype); a floating dtype.
     policy: None for ToCa's schedule (the fields above), or a `Policy` (`label(step, num_steps)` and
         `plans(step, num_steps, branches)`, e.g. `FORAPolicy`, `Router.load(path)`), which then decides
         every step's plan; `num_steps`, `inner` and `calls_per_step` still apply.
@@ -97,13 +106,16 @@ class ToCaConfig:
     depth_levels: int = 4
     step_levels: int = 4
     full_last: int = 0
+    forecast_order: int | None = None
+    forecast_dtype: torch.dtype = torch.bfloat16
     policy: Policy | None = None
     parallel_compile: bool | None = None
     regional: bool = True
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> "ToCaConfig":
-        """The settings of ToCa's paper and code for "dit", "pixart", "opensora", "flux" (see
+        """The settings of ToCa's paper and code for "dit", "pixart", "opensora", "flux", and TaylorSeer's
+        for "taylorseer-flux" (50 steps), "taylorseer-flux-28", "taylorseer-dit" (see
         `toca_fx.policies.presets.PRESETS` for their sources); keywords override them."""
         if name not in PRESETS:
             raise ValueError(f"ToCaConfig.preset name must be one of {tuple(PRESETS)}, got {name!r}")
@@ -169,6 +181,18 @@ def _validate(c: ToCaConfig) -> None:
     _check(
         c.policy is None or isinstance(c.policy, Policy),
         "policy", "None or an object with label() and plans()", c.policy,
+    )
+    _check(
+        c.forecast_order is None or (_is_int(c.forecast_order) and 0 <= c.forecast_order <= 2),
+        "forecast_order", "None or an int in [0, 2]", c.forecast_order,
+    )
+    _check(
+        isinstance(c.forecast_dtype, torch.dtype) and c.forecast_dtype.is_floating_point,
+        "forecast_dtype", "a floating torch.dtype", c.forecast_dtype,
+    )
+    _check(
+        c.forecast_order is not None or not getattr(c.policy, "forecasts", False),
+        "forecast_order", f"an int in [0, 2] for a policy that forecasts ({c.policy!r})", c.forecast_order,
     )
 
 

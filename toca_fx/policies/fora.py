@@ -1,5 +1,6 @@
 """FORA's schedule: a full step every `interval` calls (the first of a generation included); between
-them every branch is skipped and its cached output added (whole-branch reuse, no token choice).
+them every branch is skipped and its cached output added (whole-branch reuse, no token choice), or
+with `forecast`, its Taylor forecast (`Mode.FORECAST`; needs `ToCaConfig.forecast_order`).
 """
 from __future__ import annotations
 
@@ -14,17 +15,20 @@ if TYPE_CHECKING:
 class FORAPolicy:
     """Whole-branch reuse between full steps: `ToCaConfig(policy=FORAPolicy(interval=3))`."""
 
-    def __init__(self, interval: int):
+    def __init__(self, interval: int, forecast: bool = False):
         if not isinstance(interval, int) or isinstance(interval, bool) or interval < 1:
             raise ValueError(f"FORAPolicy.interval must be an int >= 1, got {interval!r}")
-        self.interval = interval
+        if not isinstance(forecast, bool):
+            raise ValueError(f"FORAPolicy.forecast must be True or False, got {forecast!r}")
+        self.interval, self.forecasts = interval, forecast
 
     def label(self, step: int, num_steps: int) -> StepKind:
         return StepKind.FULL if step % self.interval == 0 else StepKind.PARTIAL
 
     def plans(self, step: int, num_steps: int, branches: list[Branch]) -> dict[int, BranchPlan]:
-        mode = Mode.FILL if self.label(step, num_steps) == StepKind.FULL else Mode.REUSE
+        skip = Mode.FORECAST if self.forecasts else Mode.REUSE
+        mode = Mode.FILL if self.label(step, num_steps) == StepKind.FULL else skip
         return {b.index: BranchPlan(mode) for b in branches}
 
     def __repr__(self) -> str:
-        return f"FORAPolicy(interval={self.interval})"
+        return f"FORAPolicy(interval={self.interval}{', forecast=True' if self.forecasts else ''})"

@@ -1,7 +1,10 @@
-"""Presets: the settings of ToCa's paper and public code, by model family (`ToCaConfig.preset`)."""
+"""Presets: the settings of ToCa's and TaylorSeer's papers and public code, by model family
+(`ToCaConfig.preset`)."""
 from __future__ import annotations
 
 from typing import Any
+
+from .taylorseer import TaylorSeerPolicy
 
 # ToCa (arXiv 2410.05317) and its public DiT-ToCa code, as recorded in docs/scores.md. The code's step
 # factor 1.4 - 0.8 s/S counts s down from S - 1: 0.6 on the first step, 1.4 on the last; its layer
@@ -44,4 +47,16 @@ PRESETS: dict[str, dict[str, Any]] = {
         kind_factors={"self_attn": 0.0, "cross_attn": 2.5, "mlp": 2.5},
         step_factors=(0.6, 1.4),
     ),
+    # TaylorSeer (arXiv 2503.06923), its public FLUX code (TaylorSeer-FLUX cache_init, mode 'Taylor'):
+    # fresh_threshold 6, max_order 1, first_enhance 3, i.e. steps 0-2 full, then one every 6; every
+    # other step forecasts every cached feature. 50 steps is the paper's FLUX.1-dev setting (10 full
+    # steps: the 4.99x it reports). The code's FLUX factors skip the divided difference of the fill at
+    # step 1 (differences start at step 2); at order 1 that changes nothing, here it is not copied.
+    "taylorseer-flux": dict(num_steps=50, policy=TaylorSeerPolicy(6, first_full=3), forecast_order=1),
+    # The same schedule over 28 steps (full at 0, 1, 2, 8, 14, 20, 26): not a published setting, the
+    # published one applied to FLUX.1-dev's common 28-step schedule.
+    "taylorseer-flux-28": dict(num_steps=28, policy=TaylorSeerPolicy(6, first_full=3), forecast_order=1),
+    # TaylorSeer-DiT (its README's recommended setting): 50 DDIM steps, interval 4, first_enhance 2;
+    # max_order 4 there, capped here at the highest order toca_fx keeps (2).
+    "taylorseer-dit": dict(num_steps=50, policy=TaylorSeerPolicy(4, first_full=2), forecast_order=2),
 }

@@ -3,6 +3,8 @@ last `full_last`; the interval stretched early and shrunk late by `interval_stre
 `dense_steps`), partial steps between. On a partial step self-attention is reused whole (or
 recomputed for the chosen queries, by config) and the other cached branches recompute
 ceil(r * N) tokens, r = ratio x kind, depth and step factors (`schedules`); r = 0 reuses the branch.
+With `forecast_order` set, a branch forecasts where it would reuse (`Mode.FORECAST`, k = 0) and
+forecasts its other tokens where it recomputes chosen ones (the hybrid, k > 0).
 """
 from __future__ import annotations
 
@@ -44,7 +46,8 @@ class ToCaPolicy:
         c = self.config
         step_f = snapped_ramp(c.step_factors, step, num_steps, c.step_levels)
         depth = depths(branches)
-        return {b.index: self._plan(b, step_f * snapped_ramp(c.depth_factors, *depth[b.index], c.depth_levels)) for b in branches}
+        plans = {b.index: self._plan(b, step_f * snapped_ramp(c.depth_factors, *depth[b.index], c.depth_levels)) for b in branches}
+        return plans if c.forecast_order is None else {i: _forecasting(p) for i, p in plans.items()}
 
     def _gap(self, step: int, num_steps: int) -> int:
         dense = self.config.dense_steps
@@ -65,6 +68,12 @@ class ToCaPolicy:
             return BranchPlan(Mode.FILL)
         return BranchPlan(Mode.ROWS, k)
 
-
     def __repr__(self) -> str:
         return "ToCaPolicy(the ToCaConfig's schedule)"
+
+
+def _forecasting(plan: BranchPlan) -> BranchPlan:
+    """A partial step's plan with forecasting: reuse forecasts, rows forecast the tokens not chosen."""
+    if plan.mode in (Mode.REUSE, Mode.ROWS):
+        return BranchPlan(Mode.FORECAST, plan.k)
+    return plan

@@ -9,6 +9,10 @@ start of a step in one batched top-k per stack (`variants`). A row of a stack re
 would be a constant in every kernel that reads it, so each block's kernels would differ and Inductor
 would compile them block by block: a batched choice's rows are read through row-id buffers
 (`toca_row{i}`, holding i, read at run time), and state that no batched choice reads is not stacked.
+
+Forecasting (`ToCaConfig.forecast_order` n >= 1, `ops.forecast`): per branch its Taylor factors of
+orders 1..n (`f{i}`, the cache is order 0) and `taylor` ([last fill's step, factors held]); per graph
+one `clock` ([the call's step], written by the runtime before each call, `clock_index`).
 """
 from __future__ import annotations
 
@@ -64,6 +68,8 @@ class Slots:
     attention: fx.Node | None = None  # the self-attention map this branch fills on full steps
     entropy: fx.Node | None = None  # the cross-attention entropy this branch fills on full steps
     kv: dict[fx.Node, fx.Node] = field(default_factory=dict)
+    factors: tuple[fx.Node, ...] = ()  # Taylor factors of orders 1..n (the cache is order 0)
+    taylor: fx.Node | None = None  # [last fill's step, factors held]
 
 
 @dataclass
@@ -75,6 +81,7 @@ class Placeholders:
     slots: dict[int, Slots]
     rows: dict[fx.Node, tuple[fx.Node, int]]
     row_ids: list[fx.Node]
+    clock: fx.Node | None = None  # [this call's step], where branches forecast
 
     def used(self) -> frozenset[int]:
         """Indices of the buffers the graph reads or writes (after dead-code elimination)."""
@@ -87,13 +94,25 @@ def buffer_specs(analysis: Analysis, config: ToCaConfig) -> list[BufferSpec]:
     for b in analysis.branches:
         for name, node in _layout(b, config):
             full = f"b{b.index}_{name}"
-            specs.append(_spec(full, node) if node is not None else _state(full, (b.tokens,), b))
+            dtype = config.forecast_dtype if name in _FACTORS else None
+            specs.append(_spec(full, node, dtype) if isinstance(node, fx.Node) else _state(full, node, b))
     stacks = state_stacks(analysis, config)
     for name, members in stacks.items():
         specs.append(_state(name, (len(members), members[0].tokens), members[0]))
     rows = row_id_count(stacks)  # > 0 only with branches
     device = value(analysis.branches[0].out).device if rows else None
-    return specs + [BufferSpec(f"row{i}", (1,), torch.long, device, fill=i) for i in range(rows)]
+    specs += [BufferSpec(f"row{i}", (1,), torch.long, device, fill=i) for i in range(rows)]
+    return specs + ([_state("clock", (1,), analysis.branches[0])] if forecast_order(config) else [])
+
+
+def clock_index(specs: tuple[BufferSpec, ...] | list[BufferSpec]) -> int | None:
+    """The position of the `clock` buffer (the call's step, written by the runtime), if there is one."""
+    return next((i for i, s in enumerate(specs) if s.name == "clock"), None)
+
+
+def forecast_order(config: ToCaConfig) -> int:
+    """The highest order of Taylor factor kept beside the cache (0: none)."""
+    return config.forecast_order or 0
 
 
 def branch_bytes(analysis: Analysis, config: ToCaConfig) -> dict[int, int]:
@@ -122,6 +141,7 @@ def add_placeholders(graph: fx.Graph, analysis: Analysis, config: ToCaConfig) ->
     members_of = state_stacks(analysis, config)
     stack_nodes = {name: (placeholder(name), members) for name, members in members_of.items()}
     row_ids = [placeholder(f"row{i}") for i in range(row_id_count(members_of))]
+    clock = placeholder("clock") if forecast_order(config) else None
     rows = {}
     for name, (stack, members) in stack_nodes.items():
         for row, b in enumerate(members):
@@ -133,19 +153,26 @@ def add_placeholders(graph: fx.Graph, analysis: Analysis, config: ToCaConfig) ->
     for b in analysis.branches:
         own = made[b.index]
         kv = {node: own[f"kv{j}"] for j, node in enumerate(kv_nodes(b, config))}
-        slots[b.index] = Slots(own["cache"], own.get("stale"), own.get("ref"), own.get("attn"), own.get("ent"), kv)
-    return Placeholders(made_nodes, slots, rows, row_ids)
+        factors = tuple(own[name] for name in _FACTORS if name in own)
+        slots[b.index] = Slots(own["cache"], own.get("stale"), own.get("ref"), own.get("attn"), own.get("ent"), kv,
+                               factors, own.get("taylor"))
+    return Placeholders(made_nodes, slots, rows, row_ids, clock)
 
 
-def _layout(branch: Branch, config: ToCaConfig) -> list[tuple[str, fx.Node | None]]:
-    """A branch's own buffers: (name, node whose shape it has; None for a per-token [N] float32 vector).
+_FACTORS = ("f1", "f2")
+
+
+def _layout(branch: Branch, config: ToCaConfig) -> list[tuple[str, fx.Node | tuple[int, ...]]]:
+    """A branch's own buffers: (name, node whose shape it has, or the shape of a float32 state buffer).
     Without a batched choice its per-token state is its own too (see `state_stacks`)."""
-    names = [("cache", branch.out)]
+    names: list[tuple[str, fx.Node | tuple[int, ...]]] = [("cache", branch.out)]
     if _scored(branch, config) and not batched(config):
-        names.append(("ref", None))
+        names.append(("ref", (branch.tokens,)))
     if not batched(config):
-        names += [(kind, None) for kind in _state_kinds(branch, config)]
-    return names + [(f"kv{j}", node) for j, node in enumerate(kv_nodes(branch, config))]
+        names += [(kind, (branch.tokens,)) for kind in _state_kinds(branch, config)]
+    names += [(f"kv{j}", node) for j, node in enumerate(kv_nodes(branch, config))]
+    order = forecast_order(config)
+    return names + [(name, branch.out) for name in _FACTORS[:order]] + ([("taylor", (2,))] if order else [])
 
 
 def state_stacks(analysis: Analysis, config: ToCaConfig) -> dict[str, list[Branch]]:
@@ -204,6 +231,6 @@ def _state(name: str, shape: tuple[int, ...], branch: Branch) -> BufferSpec:
     return BufferSpec(name, shape, torch.float32, value(branch.out).device)
 
 
-def _spec(name: str, node: fx.Node) -> BufferSpec:
+def _spec(name: str, node: fx.Node, dtype: torch.dtype | None = None) -> BufferSpec:
     v = value(node)
-    return BufferSpec(name, shape(node), v.dtype, v.device)
+    return BufferSpec(name, shape(node), dtype or v.dtype, v.device)

@@ -1,6 +1,11 @@
 """Variants of one captured graph: each is a copy of the graph in which every residual branch follows its
-`BranchPlan` (`Mode.FILL`, `ROWS`, `REUSE` or `COMPUTE`), with the cache buffers as extra trailing
-inputs (`layout`).
+`BranchPlan` (`Mode.FILL`, `ROWS`, `REUSE`, `FORECAST` or `COMPUTE`), with the cache buffers as extra
+trailing inputs (`layout`).
+
+Forecasting (`ops.forecast`): where branches keep Taylor factors, a fill updates them with the cache; a
+forecast adds the factors' extrapolation to the clock's step; the hybrid (a forecast with k chosen
+tokens) scatters the chosen rows, computed exactly, into the forecast and refreshes their top factor.
+With no factors kept (order 0) a forecast is the reuse, and the hybrid ToCa's rows, exactly.
 
 Matches: the analysis of the captured graph (re-run on each copy, so node identities stay local).
 Produces: `Rewritten`: the `GraphModule` taking (*original inputs, *buffers) and returning what the
@@ -24,6 +29,7 @@ from ..analysis.marks import tag_branch
 from ..analysis.residual import Analysis, Branch, find_branches
 from ..config import ToCaConfig
 from ..ops.cache import no_rows, store
+from ..ops.forecast import taylor_fill, taylor_forecast, taylor_refresh_rows
 from ..ops.scores import DEFAULT_WEIGHTS, refresh_scores, select_batch, select_tokens
 from ..policies.plan import BranchPlan, Mode
 from .columns import narrow_dead_columns
@@ -49,8 +55,8 @@ def build_variant(gm: fx.GraphModule, plans: dict[int, BranchPlan], config: ToCa
     for branch in analysis.branches:
         score_args = _score_args(graph, branch, sources[branch.index], slots, config)
         before = set(graph.nodes)
-        plan, queries = plans[branch.index], config.attention_queries
-        _apply(graph, branch, plan, slots[branch.index], score_args, queries, early.get(branch.index))
+        plan, queries = _lowered(plans[branch.index], branch, config), config.attention_queries
+        _apply(graph, branch, plan, slots[branch.index], score_args, queries, early.get(branch.index), placeholders.clock)
         tag_branch(branch.index, [*branch.nodes, *(n for n in graph.nodes if n not in before)])
     eliminate_dead_code(graph)
     if narrow_dead_columns(graph):
@@ -60,36 +66,65 @@ def build_variant(gm: fx.GraphModule, plans: dict[int, BranchPlan], config: ToCa
 
 # ---------------------------------------------------------------------------------------------
 
+def _lowered(plan: BranchPlan, branch: Branch, config: ToCaConfig) -> BranchPlan:
+    """A forecast where no factors are kept (order 0) is the reuse, or with chosen tokens ToCa's rows."""
+    if plan.mode != Mode.FORECAST:
+        return plan
+    if config.forecast_order is None:
+        raise ValueError(f"branch {branch.index} ({branch.name}): a '{Mode.FORECAST}' plan needs "
+                         "ToCaConfig.forecast_order (the Taylor factors the branches keep)")
+    if config.forecast_order == 0:
+        return BranchPlan(Mode.ROWS, plan.k) if plan.k else BranchPlan(Mode.REUSE)
+    return plan
+
+
 def _apply(
     graph: fx.Graph, branch: Branch, plan: BranchPlan, slots: Slots, score_args: tuple, queries: int,
-    idx: fx.Node | None,
+    idx: fx.Node | None, clock: fx.Node | None,
 ) -> None:
     """`score_args`: (weights, attention map, entropy map, grid), the trailing arguments of select_tokens;
-    `idx`: the branch's tokens if chosen at the start of the step (else chosen here)."""
+    `idx`: the branch's tokens if chosen at the start of the step (else chosen here); `clock`: the
+    call's step, where branches keep Taylor factors."""
     if plan.mode == Mode.COMPUTE:
         return
+    taylor = (clock, slots.taylor, slots.cache, slots.factors)
     if plan.mode == Mode.FILL:
         fill_maps(graph, branch, slots.attention, slots.entropy, queries)
         with graph.inserting_after(branch.out):
-            graph.call_function(store, (slots.cache, branch.out))
+            if slots.taylor is None:
+                graph.call_function(store, (slots.cache, branch.out))
+            else:
+                graph.call_function(taylor_fill, (*taylor, branch.out))
             if slots.staleness is not None:
                 args = (branch.stream, slots.staleness) + ((slots.ref_norm,) if slots.ref_norm is not None else ())
                 graph.call_function(refresh_scores, args)
             for node, slot in slots.kv.items():
                 graph.call_function(store, (slot, node))
         return
-    if plan.mode == Mode.REUSE:
+    if plan.mode in (Mode.REUSE, Mode.FORECAST) and plan.k == 0:
         if branch.flow.passenger_outputs:  # another stream still reads the attention: run its rows only
             with graph.inserting_before(insertion_point(branch)):
                 none = graph.call_function(no_rows, (branch.stream,))
             gather_branch(graph, branch, none, 0, None, {})
-        branch.out.replace_all_uses_with(slots.cache)
+        branch.out.replace_all_uses_with(slots.cache if plan.mode == Mode.REUSE else _forecast(graph, branch, taylor))
         return
     if idx is None:
         with graph.inserting_before(insertion_point(branch)):
             args = (branch.stream, slots.staleness, slots.ref_norm, plan.k, *score_args)
             idx = graph.call_function(select_tokens, args)
-    branch.out.replace_all_uses_with(gather_branch(graph, branch, idx, plan.k, slots.cache, slots.kv))
+    if plan.mode == Mode.ROWS:
+        branch.out.replace_all_uses_with(gather_branch(graph, branch, idx, plan.k, slots.cache, slots.kv))
+        return
+    updated = gather_branch(graph, branch, idx, plan.k, _forecast(graph, branch, taylor), slots.kv)
+    with graph.inserting_after(updated):
+        graph.call_function(taylor_refresh_rows, (*taylor, branch.out_axes.tok, idx, updated))
+    branch.out.replace_all_uses_with(updated)
+
+
+def _forecast(graph: fx.Graph, branch: Branch, taylor: tuple) -> fx.Node:
+    """The branch output's forecast (`taylor_forecast`), before the branch's first output."""
+    with graph.inserting_before(insertion_point(branch)):
+        return graph.call_function(taylor_forecast, taylor)
 
 
 def _analysed_copy(
@@ -103,7 +138,7 @@ def _analysed_copy(
     graph._codegen = copy.deepcopy(gm.graph._codegen)
     graph.output(graph.graph_copy(gm.graph, {}))
     analysis = find_branches(graph)
-    partial = [b for b in analysis.branches if plans[b.index].mode == Mode.ROWS]
+    partial = [b for b in analysis.branches if plans[b.index].chooses_rows]
     if not split or not split_projections(graph, partial, {b.index: set(kv_nodes(b, config)) for b in partial}):
         return graph, analysis
     eliminate_dead_code(graph)
@@ -149,7 +184,7 @@ def _choose_early(
     for b in analysis.branches:
         attn, cross = sources[b.index]
         refilled = any(s is not None and plans[s.index].mode == Mode.FILL for s in (attn, cross))
-        if plans[b.index].mode != Mode.ROWS or refilled:
+        if not plans[b.index].chooses_rows or refilled:
             continue
         a = rows.get(slots[attn.index].attention) if attn is not None and weights.get("attention") else None
         e = rows.get(slots[cross.index].entropy) if cross is not None and weights.get("cross_entropy") else None

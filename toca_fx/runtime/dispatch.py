@@ -3,7 +3,8 @@
 At each call it finds whose computation the call is (its parameters) and where it falls in a
 generation (the model's timestep clock, `runtime.clock`), takes that step's variant from the plan of
 the generation, compiles it at its first call, and runs it with that owner's cache buffers as extra
-inputs. The step index never enters a graph, so steps never recompile.
+inputs. The step index never enters a graph as a value, so steps never recompile: where branches
+forecast, the runtime writes it into the graph's `clock` buffer before the call.
 
 A call the schedule does not expect (a step past the planned ones, a stream that missed the step
 before, a new owner or shape mid-generation) runs a step that fills every cache: never a stale one.
@@ -20,7 +21,7 @@ from ..analysis.residual import Analysis
 from ..config import ToCaConfig
 from ..policies.plan import StepKind
 from ..policies.toca import ToCaPolicy
-from ..rewrite.layout import buffer_specs
+from ..rewrite.layout import buffer_specs, clock_index
 from .clock import Tick
 from .compiler import VariantCompiler
 from .planner import Planner, Step, Variant
@@ -38,6 +39,7 @@ class CachedGraph:
                  runtime: Runtime, example_inputs: list[Any]):
         self.gm, self.analysis, self.config, self.runtime = gm, analysis, config, runtime
         self.layout = tuple(buffer_specs(analysis, config))
+        self._clock = clock_index(self.layout)
         self.planner = Planner(analysis.branches, config.policy if config.policy is not None else ToCaPolicy(config))
         self.compiler = VariantCompiler(gm, config, options, self.layout, self.planner)
         self.calls: Counter = Counter()  # step label -> calls
@@ -57,7 +59,10 @@ class CachedGraph:
         if variant.fn is None:
             self._compile(variant, args, state, stream, num_steps)
         fn = self.compiler.runner(variant, stream, args) if self.compiler.graphed else variant.fn
-        out = fn(*args, *state.buffers(stream, variant.used))
+        buffers = state.buffers(stream, variant.used)
+        if self._clock is not None:
+            buffers[self._clock].fill_(tick.step)
+        out = fn(*args, *buffers)
         stream.last = (tick.generation, tick.step)
         self.calls[label] += 1
         self.plan_calls[variant.id] += 1

@@ -76,5 +76,5 @@ class Planner:
 
 
 def _rows(plan: BranchPlan, tokens: int) -> tuple[int, int]:
-    computed = {Mode.FILL: tokens, Mode.COMPUTE: tokens, Mode.ROWS: plan.k, Mode.REUSE: 0}[plan.mode]
+    computed = {Mode.FILL: tokens, Mode.COMPUTE: tokens, Mode.ROWS: plan.k, Mode.REUSE: 0, Mode.FORECAST: plan.k}[plan.mode]
     return computed, tokens
