@@ -41,7 +41,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.run import (  # noqa: E402
-    Case, _flux, _flux_inputs, _rel_l2, build, call, fresh_inductor_caches, generate, time_generations, warm_up,
+    Case, _flux, _flux_inputs, _rel_l2, build, fresh_inductor_caches, generate, time_generations, warm_up,
 )
 from toca_fx import ToCaBackend, ToCaConfig  # noqa: E402
 
