@@ -1,15 +1,16 @@
 """Compiling a graph's variants: each at its first call, the rest of its generation ahead in workers.
 
 A variant's graph is built from its plan (`rewrite.variants`), compiled with its options
-(`compile.options`), and with `mode="reduce-overhead"` on CUDA replayed as a CUDA graph here
-(`compile.cudagraphs`): Inductor's own capture skips graphs that update inputs in place, as every
-variant does. Its inputs are the call's and the buffers it uses, with stand-ins for the others, so its
+(`compile.options`), and on CUDA replayed as a CUDA graph here in any mode (`compile.cudagraphs`,
+`ToCaConfig.cuda_graphs`): Inductor's own capture skips graphs that update inputs in place, as every
+variant does. Where the graphs cannot be used, one `ToCaWarning` per graph says why. Its inputs are the call's and the buffers it uses, with stand-ins for the others, so its
 compilation, and its cache keys, are the same in any order of first calls and in a worker's.
 """
 from __future__ import annotations
 
 import logging
 import time
+import warnings
 from dataclasses import asdict
 from functools import partial
 from typing import Any, Callable
@@ -19,10 +20,11 @@ import torch.fx as fx
 
 from ..analysis.fake import metas_of
 from ..compile import workers
-from ..compile.cudagraphs import CudaGraphed
+from ..compile.cudagraphs import CudaGraphed, decide
 from ..compile.options import compile_variant, inductor_patches, variant_options
 from ..compile.regions import Regional
 from ..config import ToCaConfig
+from ..errors import ToCaWarning
 from ..rewrite.variants import build_variant
 from ..rewrite.layout import BufferSpec
 from .planner import Planner, Step, Variant
@@ -44,6 +46,7 @@ class VariantCompiler:
         self._pool = None
         self._ahead = workers.Prefetch()  # workers compiling variants before their first calls
         self._prefetched: set[int] = set()  # num_steps of the generations whose variants went to it
+        self._warned = False  # a CUDA-graph fallback was reported
 
     def graph(self, variant: Variant) -> fx.GraphModule:
         """The variant's rewritten graph, built on first use."""
@@ -92,7 +95,7 @@ class VariantCompiler:
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
             static = [hasattr(x, "_dynamo_static_input_type") for x in args] + [True] * len(self.specs)
-            runner = stream.runners[key] = CudaGraphed(variant.fn, static, self._pool)
+            runner = stream.runners[key] = CudaGraphed(variant.fn, static, self._pool, self._fallback)
         return runner
 
     def compile_times(self) -> list[dict[str, Any]]:
@@ -154,4 +157,14 @@ class VariantCompiler:
     def _graphed(self, args: tuple) -> bool:
         """Whether variants are captured as CUDA graphs here (`CudaGraphed`, one per cache stream, bound
         to its buffers) rather than by Inductor, which skips graphs that update inputs in place."""
-        return self.options.get("mode") == "reduce-overhead" and any(isinstance(a, torch.Tensor) and a.is_cuda for a in args)
+        graphed, why = decide(self.config.cuda_graphs, self.config.inner, self.options, args)
+        if why is not None:
+            self._fallback(why)
+        return graphed
+
+    def _fallback(self, why: str) -> None:
+        """One warning per graph where its variants run without CUDA graphs (or one of them does)."""
+        if not self._warned:
+            self._warned = True
+            warnings.warn(f"toca_fx: CUDA graphs not used: {why}; such calls launch each kernel from Python "
+                          "(slower at small token counts)", ToCaWarning, stacklevel=2)
