@@ -20,6 +20,7 @@ import torch.fx as fx
 
 from ..analysis.fake import metas_of
 from ..compile import workers
+from ..compile.autocast import autocast_dtype
 from ..compile.cudagraphs import CudaGraphed, decide
 from ..compile.options import compile_variant, inductor_patches, variant_options
 from ..compile.regions import Regional
@@ -134,7 +135,9 @@ class VariantCompiler:
         self._prefetched.add(num_steps)
         graphed = self.graphed
         patches = inductor_patches(variant_options(self.options, first.modes, graphed))
-        ahead = workers.enabled(self.config.parallel_compile, patches)
+        # A worker traces without this thread's autocast: its graphs would not be the ones called here.
+        autocast = any(autocast_dtype(a.device) for a in args if isinstance(a, torch.Tensor))
+        ahead = workers.enabled(self.config.parallel_compile, patches) and not autocast
         order = list(dict.fromkeys(s.variant for s in generation if s.variant.fn is None))
         here = order[: _HERE_REGIONAL if self.config.regional else _HERE_WHOLE] if first in order else []
         ahead = ahead and len(order) > len(here)
