@@ -3,7 +3,7 @@
 `SIDE_EFFECTS` lists those that update buffers in place (caches, token state, attention maps):
 dead-code elimination keeps them although nothing reads their results.
 """
-from .cache import scatter_rows, store
+from .cache import scatter_rows, scatter_scaled, store, store_scaled
 from .scores import (
     attention_influence,
     cross_entropy,
@@ -17,4 +17,4 @@ from .scores import (
 SIDE_EFFECTS = frozenset({
     scatter_rows, store, select_tokens, select_batch, refresh_scores, attention_influence, influence_from_map,
     cross_entropy, entropy_from_map,
-})
+}) | {store_scaled, scatter_scaled}

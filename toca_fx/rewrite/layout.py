@@ -22,6 +22,7 @@ from ..analysis.fake import TensorMeta
 from ..analysis.graphs import shape, value
 from ..analysis.residual import Analysis, Branch
 from ..config import ToCaConfig
+from ..ops.cache import FLOAT8_MAX
 from .score_maps import entropy_source, influence_source
 
 _STAND_IN = (0,)  # the shape of a buffer a variant does not use: nothing to read or write
@@ -34,6 +35,7 @@ class BufferSpec:
     dtype: torch.dtype
     device: torch.device
     fill: int = 0  # every element's value when allocated
+    reads_as: torch.dtype | None = None  # a cache narrower than its branch output: the output's dtype
 
     @property
     def nbytes(self) -> int:
@@ -87,7 +89,7 @@ def buffer_specs(analysis: Analysis, config: ToCaConfig) -> list[BufferSpec]:
     for b in analysis.branches:
         for name, node in _layout(b, config):
             full = f"b{b.index}_{name}"
-            specs.append(_spec(full, node) if node is not None else _state(full, (b.tokens,), b))
+            specs.append(_spec(full, node, name, config) if node is not None else _state(full, (b.tokens,), b))
     stacks = state_stacks(analysis, config)
     for name, members in stacks.items():
         specs.append(_state(name, (len(members), members[0].tokens), members[0]))
@@ -140,7 +142,7 @@ def add_placeholders(graph: fx.Graph, analysis: Analysis, config: ToCaConfig) ->
 def _layout(branch: Branch, config: ToCaConfig) -> list[tuple[str, fx.Node | None]]:
     """A branch's own buffers: (name, node whose shape it has; None for a per-token [N] float32 vector).
     Without a batched choice its per-token state is its own too (see `state_stacks`)."""
-    names = [("cache", branch.out)]
+    names = [("cache", branch.out)] + ([("scale", branch.out)] if config.cache_dtype in FLOAT8_MAX else [])
     if _scored(branch, config) and not batched(config):
         names.append(("ref", None))
     if not batched(config):
@@ -204,6 +206,13 @@ def _state(name: str, shape: tuple[int, ...], branch: Branch) -> BufferSpec:
     return BufferSpec(name, shape, torch.float32, value(branch.out).device)
 
 
-def _spec(name: str, node: fx.Node) -> BufferSpec:
+def _spec(name: str, node: fx.Node, kind: str = "", config: ToCaConfig | None = None) -> BufferSpec:
+    """The buffer of `node`'s shape; a branch's cache in `config.cache_dtype` where that is narrower,
+    and a float8 cache's "scale": one float32 per row."""
     v = value(node)
+    narrow = config is not None and config.cache_dtype is not None and config.cache_dtype != v.dtype
+    if kind == "scale":
+        return BufferSpec(name, (*shape(node)[:-1], 1), torch.float32, v.device, fill=1)
+    if kind == "cache" and narrow:
+        return BufferSpec(name, shape(node), config.cache_dtype, v.device, reads_as=v.dtype)
     return BufferSpec(name, shape(node), v.dtype, v.device)

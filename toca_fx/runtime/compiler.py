@@ -28,6 +28,7 @@ from ..config import ToCaConfig
 from ..errors import ToCaWarning
 from ..rewrite.variants import build_variant
 from ..rewrite.layout import BufferSpec
+from ..rewrite.narrow_caches import narrow_caches
 from .planner import Planner, Step, Variant
 from .state import CacheState, Stream
 
@@ -53,6 +54,8 @@ class VariantCompiler:
         """The variant's rewritten graph, built on first use."""
         if variant.graph is None:
             variant.graph, variant.used = build_variant(self.gm, dict(variant.key), self.config)
+            if self.config.cache_dtype is not None:
+                variant.used = narrow_caches(variant.graph, self.specs, variant.used)
         return variant.graph
 
     def used(self, variant: Variant) -> frozenset[int]:
