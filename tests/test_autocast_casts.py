@@ -49,6 +49,7 @@ def test_cached_casts_give_autocasts_results_exactly(monkeypatch):
     monkeypatch.setattr(CastParameters, "substitute", lambda self, args: substituted.append(1) or original(self, args))
     cached, backend = _generation(model, config, inputs)
     assert len(substituted) >= 6  # every call passed the cast copies
+    assert 0 < backend.stats()["flops_ratio"] < 1  # counted outside autocast, as the graphs ran: under it
     torch._dynamo.reset()
     monkeypatch.setattr(toca_backend, "lowered_parameters", lambda gm, ex: {})  # autocast's own casts, in the graph
     plain, _ = _generation(model, config, inputs)

@@ -8,6 +8,7 @@ compilation, and its cache keys, are the same in any order of first calls and in
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import warnings
@@ -49,6 +50,7 @@ class VariantCompiler:
         self._ahead = workers.Prefetch()  # workers compiling variants before their first calls
         self._prefetched: set[int] = set()  # num_steps of the generations whose variants went to it
         self._warned = False  # a CUDA-graph fallback was reported
+        self._amp: list[tuple[str, torch.dtype]] = []  # (device type, dtype) of the calls' autocast
 
     def graph(self, variant: Variant) -> fx.GraphModule:
         """The variant's rewritten graph, built on first use."""
@@ -69,8 +71,18 @@ class VariantCompiler:
         return [*args, *(b if i in used else s.stand_in() for i, (b, s) in enumerate(zip(buffers, self.specs)))]
 
     def example(self, args: tuple) -> list[Any]:
-        """The metadata of a call's inputs, the buffers as allocated: what FLOPs are counted on."""
+        """The metadata of a call's inputs, the buffers as allocated: what FLOPs are counted on (under
+        the autocast of that call, `amp`)."""
+        devices = {a.device.type for a in args if isinstance(a, torch.Tensor)}
+        self._amp = [(d, autocast_dtype(torch.device(d))) for d in sorted(devices) if autocast_dtype(torch.device(d))]
         return metas_of(list(args)) + [s.meta() for s in self.specs]
+
+    def amp(self) -> contextlib.ExitStack:
+        """The autocast the calls run under (as `example` saw it), to run the graphs elsewhere as they run."""
+        stack = contextlib.ExitStack()
+        for device, dtype in self._amp:
+            stack.enter_context(torch.autocast(device, dtype=dtype))
+        return stack
 
     def compile(self, variant: Variant, args: tuple, state: CacheState, stream: Stream, generation: list[Step]) -> None:
         """Compile `variant` (due now, at a step of `generation`), first sending the generation's
