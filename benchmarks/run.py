@@ -571,6 +571,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ungraphed", metavar="REGEX", help="also run the settings matching REGEX with "
                         "ToCaConfig.cuda_graphs=False (default mode)")
     parser.add_argument("--no-float32", action="store_true", help="no float32 eager reference generation")
+    parser.add_argument("--steps", type=int, help="steps per generation instead of the case's (every setting's num_steps too)")
     args = parser.parse_args(argv)
     extras = Extras(args.autocast, tuple(d for d in args.cache_dtypes.split(",") if d), args.cache_settings, args.ungraphed)
     logging.basicConfig(format="%(message)s")
@@ -589,8 +590,11 @@ def main(argv: list[str] | None = None) -> None:
         log = lambda row: print(json.dumps({k: v for k, v in row.items()}), flush=True)  # noqa: E731
         modes = {"off": [None], "on": ["reduce-overhead"], "both": [None, "reduce-overhead"]}[args.cudagraphs]
         parallel = {"auto": None, "on": True, "off": False}[args.parallel_compile]
+        case = table[name]
+        if args.steps:
+            case = replace(case, steps=args.steps, settings=[(n, replace(c, num_steps=args.steps)) for n, c in case.settings])
         rows += run_case(
-            table[name], device, dtype, args.repeats, modes if device.type == "cuda" else [None], log, args.skip,
+            case, device, dtype, args.repeats, modes if device.type == "cuda" else [None], log, args.skip,
             args.cache_dir, parallel, args.like_for_like, args.whole, extras, not args.no_float32,
         )
         (args.out / "results.json").write_text(json.dumps(rows, indent=1))
