@@ -41,6 +41,15 @@ generation, each call's host seconds ("first_calls_s": a call that compiles or w
 stands out), Dynamo's timed phases in this process ("compile_phases_s") and how many kernels had
 their configs timed at a first run ("autotuned_kernels").
 
+On CUDA the toca settings replay their variants as CUDA graphs in every mode (ToCaConfig.cuda_graphs,
+on by default); rows "+cudagraphs" are mode="reduce-overhead" (plain Inductor's own CUDA graphs), the
+others torch.compile's default mode. Extra rows, each in the default mode: --ungraphed REGEX the
+settings with cuda_graphs=False ("rel_l2_vs_graphed": their final sample against the graphed one's);
+--autocast REGEX plain Inductor and those settings under torch.autocast(bf16) with the model's float32
+weights (compared with plain Inductor under autocast, and in "vs_bf16_weights" with the same setting
+in bf16 weights); --cache-dtypes bf16,fp8 the settings matching --cache-settings with
+ToCaConfig.cache_dtype ("state_bytes": the buffers held, all streams).
+
 toca_fx compiles its variants with one-pass reductions over rows of up to 4096 elements, where
 Inductor loops over rows longer than 1024 (toca_fx/inductor.py), and its full steps gain from that
 too. --like-for-like adds plain Inductor compiled with that same choice ("plain, toca_fx's
@@ -289,27 +298,68 @@ def elapsed(work: Callable, cuda: bool) -> float:
         return begin.elapsed_time(end) / 1e3
 
 
+AUTOCAST = " [autocast bf16, fp32 weights]"  # a row run under torch.autocast with the model's float32 copy
+UNGRAPHED = " cuda_graphs=False"  # a toca row with the runtime's CUDA graphs off (as before they were default)
+CACHE_DTYPES = {"bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn}
+
+
+@dataclass
+class Extras:
+    """Rows beyond each setting in each mode: under autocast (`autocast`: a regex of the settings, and
+    plain Inductor), with narrow caches (`cache_dtypes` for the settings matching `cache_settings`) and
+    with CUDA graphs off (`ungraphed`: a regex of the settings), each in the default mode."""
+
+    autocast: str | None = None
+    cache_dtypes: tuple[str, ...] = ()
+    cache_settings: str = "."
+    ungraphed: str | None = None
+
+
+def plan_runs(settings: list[tuple[str, Any]], modes: list, like_for_like: bool, extras: Extras,
+              skip: str | None) -> list[tuple[str, Any, str | None, bool]]:
+    """(row name, backend, mode, under autocast) of every row, in the order they run."""
+    runs: list[tuple[str, Any, str | None, bool]] = [("eager", None, None, False)]
+    for mode in modes:
+        suffix = " +cudagraphs" if mode else ""
+        runs.append((f"inductor{suffix}", "inductor", mode, False))
+        if like_for_like:
+            runs.append((f"{SAME_REDUCTIONS}{suffix}", SAME_REDUCTIONS, mode, False))
+        runs += [(f"{name}{suffix}", config, mode, False) for name, config in settings]
+        if mode is None:
+            for name, config in settings:
+                if extras.ungraphed and re.search(extras.ungraphed, name):
+                    runs.append((f"{name}{UNGRAPHED}", replace(config, cuda_graphs=False), mode, False))
+                if re.search(extras.cache_settings, name):
+                    runs += [(f"{name} cache {d}", replace(config, cache_dtype=CACHE_DTYPES[d]), mode, False)
+                             for d in extras.cache_dtypes]
+    if extras.autocast:  # the settings first: a run cut short by a time limit keeps them
+        runs += [(f"{name}{AUTOCAST}", config, None, True) for name, config in settings if re.search(extras.autocast, name)]
+        runs.append((f"inductor{AUTOCAST}", "inductor", None, True))
+    return [r for r in runs if not (skip and re.search(skip, r[0])) or r[1] == "inductor"]
+
+
 def run_case(
     case: Case, device: torch.device, dtype: torch.dtype, repeats: int, modes: list, log: Callable, skip: str | None = None,
     cache_dir: Path | None = None,
     parallel_compile: bool | None = None,
     like_for_like: bool = False,
     whole: bool = False,
+    extras: Extras | None = None,
+    float32_reference: bool = True,
 ) -> list[dict]:
+    extras = extras or Extras()
     model, x0, args_of = build(case, device, dtype)
     settings = case.settings + [(f"{name} {WHOLE}", replace(c, regional=False)) for name, c in case.settings if whole]
     warm_up(model, x0, args_of, case.cfg)
-    exact = float32_generation(model, x0, args_of, case) if case.float32_reference and dtype != torch.float32 else None
+    exact = None
+    if case.float32_reference and float32_reference and dtype != torch.float32:
+        exact = float32_generation(model, x0, args_of, case)
     rows, samples = [], []
-    runs: list[tuple[str, Any, str | None]] = [("eager", None, None)]  # (setting, backend, mode)
-    for mode in modes:
-        suffix = " +cudagraphs" if mode else ""
-        runs.append((f"inductor{suffix}", "inductor", mode))
-        if like_for_like:
-            runs.append((f"{SAME_REDUCTIONS}{suffix}", SAME_REDUCTIONS, mode))
-        runs += [(f"{name}{suffix}", config, mode) for name, config in settings]
-    runs = [r for r in runs if not (skip and re.search(skip, r[0])) or r[1] == "inductor"]
-    for name, backend, mode in runs:
+    runs = plan_runs(settings, modes, like_for_like, extras, skip)
+    model32 = None  # the float32 copy for autocast rows, made when the first runs (they run last: peaks before exclude it)
+    for name, backend, mode, autocast in runs:
+        if autocast and model32 is None:
+            model32 = copy.deepcopy(model).float()
         torch._dynamo.reset()
         gc.collect()
         if device.type == "cuda":
@@ -318,26 +368,40 @@ def run_case(
             backend = ToCaBackend(replace(backend, parallel_compile=parallel_compile))
             parallel = toca_fx.compile.workers.enabled(parallel_compile, {})  # as this setting starts
         same = backend == SAME_REDUCTIONS
-        fn = model if backend is None else torch.compile(model, backend="inductor" if same else backend, dynamic=False, mode=mode)
+        net, start, make = (model32, x0.float(), cast_inputs(args_of, torch.float32)) if autocast else (model, x0, args_of)
+        fn = net if backend is None else torch.compile(net, backend="inductor" if same else backend, dynamic=False, mode=mode)
         counters.clear()
         choices = wide_row_reductions() if same else contextlib.nullcontext()
-        with fresh_inductor_caches(cache_dir), choices:  # compiles at the first call, in this thread
-            result = time_generations(fn, x0, args_of, case.steps, repeats, case.cfg)
+        amp = torch.autocast(device.type, dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+        try:
+            with fresh_inductor_caches(cache_dir), choices, amp:  # compiles at the first call, in this thread
+                result = time_generations(fn, start, make, case.steps, repeats, case.cfg)
+        except Exception as e:  # noqa: BLE001 - one setting's failure is a row, not the end of the run
+            log({"model": case.name, "setting": name, "error": f"{type(e).__name__}: {e}"[:2000]})
+            del fn, backend
+            continue
         samples.append(result.pop("sample"))
         row = {"model": case.name, "setting": name, **result}
         if isinstance(backend, ToCaBackend):
             stats = backend.stats()
+            graphs = [g for g in backend.graphs]
             row.update(flops_ratio=stats["flops_ratio"], cache_bytes=stats["cache_bytes"], compiles=stats["compiles"],
                        parallel_compile=parallel, cache_hits=counters["inductor"]["fxgraph_cache_hit"],  # workers' variants
-                       compile_times=stats["compile_times"])
+                       compile_times=stats["compile_times"],
+                       cuda_graphs=any(g.compiler.graphed for g in graphs),
+                       state_bytes=sum(g.state.nbytes for g in graphs if g.state is not None))
         if exact is not None:
             row["rel_l2_float32"] = _rel_l2(samples[-1], exact)
         rows.append(row)
         log(row)
         del fn, backend
     reference = next(s for s, r in zip(samples, rows) if r["setting"].startswith("inductor"))
+    named = {r["setting"]: s for r, s in zip(rows, samples)}
     for row, sample in zip(rows, samples):
         row["rel_l2"] = _rel_l2(sample, reference)
+        graphed = named.get(row["setting"].replace(UNGRAPHED, "")) if UNGRAPHED in row["setting"] else None
+        if graphed is not None:  # the runtime's CUDA graphs against launching the same kernels one by one
+            row["rel_l2_vs_graphed"] = _rel_l2(sample, graphed)
     return _relative(rows)
 
 
@@ -431,12 +495,16 @@ def default_dtype(dtype: torch.dtype | None) -> Iterator[None]:
 
 def _relative(rows: list[dict]) -> list[dict]:
     base, same = _by_mode(rows, "inductor"), _by_mode(rows, SAME_REDUCTIONS)
+    by_name = {r["setting"]: r for r in rows}
     for r in rows:
-        graphed = "cudagraphs" in r["setting"]
-        ref = base.get(graphed) or base.get(False) or base[True]  # eager: either baseline
+        graphed = _group(r["setting"])
+        ref = base.get(graphed) or base.get(_group("")) or next(iter(base.values()))  # eager: a baseline
         r["speedup"] = ref["ms"] / r["ms"]
         r["compile_vs_inductor"] = r["compile_s"] / max(ref["compile_s"], 1e-9)
         r["peak_vs_inductor"] = r["peak"] / ref["peak"] if ref["peak"] else 0.0
+        twin = by_name.get(r["setting"].replace(AUTOCAST, "")) if AUTOCAST in r["setting"] else None
+        if twin is not None:  # the same setting with bf16 weights, default mode
+            r["vs_bf16_weights"] = twin["ms"] / r["ms"]
         if "flops_ratio" in r:
             r["theoretical"] = 1.0 / r["flops_ratio"]
             r["efficiency"] = r["speedup"] / r["theoretical"]
@@ -446,9 +514,14 @@ def _relative(rows: list[dict]) -> list[dict]:
     return rows
 
 
-def _by_mode(rows: list[dict], prefix: str) -> dict[bool, dict]:
-    """The rows whose setting starts with `prefix`, by whether they run in CUDA graphs."""
-    return {("cudagraphs" in r["setting"]): r for r in rows if r["setting"].startswith(prefix)}
+def _group(setting: str) -> tuple[bool, bool]:
+    """What a row is compared within: its mode (reduce-overhead or not) and whether it ran under autocast."""
+    return "+cudagraphs" in setting, AUTOCAST in setting
+
+
+def _by_mode(rows: list[dict], prefix: str) -> dict[tuple[bool, bool], dict]:
+    """The rows whose setting starts with `prefix`, by `_group`."""
+    return {_group(r["setting"]): r for r in rows if r["setting"].startswith(prefix)}
 
 
 def markdown(rows: list[dict], header: str) -> str:
@@ -490,7 +563,17 @@ def main(argv: list[str] | None = None) -> None:
                         help=f"also time each toca setting with its variants compiled whole (regional=False), labelled '{WHOLE}'")
     parser.add_argument("--parallel-compile", choices=["auto", "on", "off"], default="auto",
                         help="ToCaConfig.parallel_compile of the toca settings: None (on with 8 or more cores), True, False")
+    parser.add_argument("--autocast", metavar="REGEX", help="also run plain Inductor and the settings matching REGEX "
+                        "under torch.autocast(bf16) with the model's float32 weights (default mode)")
+    parser.add_argument("--cache-dtypes", default="", help="comma-separated of bf16, fp8: also run the settings "
+                        "matching --cache-settings with ToCaConfig.cache_dtype so (default mode)")
+    parser.add_argument("--cache-settings", default=".", metavar="REGEX")
+    parser.add_argument("--ungraphed", metavar="REGEX", help="also run the settings matching REGEX with "
+                        "ToCaConfig.cuda_graphs=False (default mode)")
+    parser.add_argument("--no-float32", action="store_true", help="no float32 eager reference generation")
+    parser.add_argument("--steps", type=int, help="steps per generation instead of the case's (every setting's num_steps too)")
     args = parser.parse_args(argv)
+    extras = Extras(args.autocast, tuple(d for d in args.cache_dtypes.split(",") if d), args.cache_settings, args.ungraphed)
     logging.basicConfig(format="%(message)s")
     logging.getLogger("toca_fx").setLevel(logging.INFO)  # each variant's compile, as it ends: progress
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
@@ -507,9 +590,12 @@ def main(argv: list[str] | None = None) -> None:
         log = lambda row: print(json.dumps({k: v for k, v in row.items()}), flush=True)  # noqa: E731
         modes = {"off": [None], "on": ["reduce-overhead"], "both": [None, "reduce-overhead"]}[args.cudagraphs]
         parallel = {"auto": None, "on": True, "off": False}[args.parallel_compile]
+        case = table[name]
+        if args.steps:
+            case = replace(case, steps=args.steps, settings=[(n, replace(c, num_steps=args.steps)) for n, c in case.settings])
         rows += run_case(
-            table[name], device, dtype, args.repeats, modes if device.type == "cuda" else [None], log, args.skip,
-            args.cache_dir, parallel, args.like_for_like, args.whole,
+            case, device, dtype, args.repeats, modes if device.type == "cuda" else [None], log, args.skip,
+            args.cache_dir, parallel, args.like_for_like, args.whole, extras, not args.no_float32,
         )
         (args.out / "results.json").write_text(json.dumps(rows, indent=1))
         (args.out / "benchmarks.md").write_text(markdown(rows, header) + "\n")

@@ -151,3 +151,26 @@ def test_first_generation_is_recorded_call_by_call():
     assert len(calls) == 3 and calls[0] > max(calls[1:])  # the first call compiles
     assert result["compile_phases_s"]["compile_fx_inner"] > 0
     assert set(result["compile_phases_s"]) <= set(run._PHASES)
+
+
+def test_extra_rows_run_in_the_default_mode_and_compare_within_their_group():
+    from toca_fx import ToCaConfig
+
+    settings = [("toca preset", ToCaConfig()), ("toca N=4", ToCaConfig(ratio=0.5))]
+    extras = run.Extras(autocast="N=4", cache_dtypes=("fp8",), cache_settings="N=4", ungraphed="preset")
+    runs = run.plan_runs(settings, [None, "reduce-overhead"], False, extras, skip="eager")
+    names = [r[0] for r in runs]
+    assert names == ["inductor", "toca preset", "toca N=4", f"toca preset{run.UNGRAPHED}", "toca N=4 cache fp8",
+                     "inductor +cudagraphs", "toca preset +cudagraphs", "toca N=4 +cudagraphs",
+                     f"toca N=4{run.AUTOCAST}", f"inductor{run.AUTOCAST}"]
+    by = {r[0]: r for r in runs}
+    assert by[f"toca preset{run.UNGRAPHED}"][1].cuda_graphs is False and by["toca N=4 cache fp8"][1].cache_dtype == torch.float8_e4m3fn
+    assert by[f"toca N=4{run.AUTOCAST}"][2:] == (None, True) and by["toca N=4 +cudagraphs"][2:] == ("reduce-overhead", False)
+
+    def row(setting, ms):
+        return {"setting": setting, "ms": ms, "compile_s": 1.0, "peak": 100}
+
+    rows = run._relative([row("inductor", 400.0), row("toca N=4", 200.0), row(f"inductor{run.AUTOCAST}", 500.0),
+                          row(f"toca N=4{run.AUTOCAST}", 250.0)])
+    assert [r["speedup"] for r in rows] == [1.0, 2.0, 1.0, 2.0]  # autocast rows against plain Inductor under autocast
+    assert rows[3]["vs_bf16_weights"] == pytest.approx(0.8)

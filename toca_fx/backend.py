@@ -15,6 +15,7 @@ import torch
 import torch.fx as fx
 
 from .analysis.residual import find_branches
+from .compile.autocast import CastParameters, lowered_parameters
 from .compile.options import compile_variant
 from .config import ToCaConfig
 from .errors import ToCaWarning
@@ -78,9 +79,15 @@ class ToCaBackend:
                 ToCaWarning,
                 stacklevel=2,
             )
-        graph = CachedGraph(gm, analysis, self.config, options, self.runtime, example_inputs)
+        lowered = lowered_parameters(gm, example_inputs)  # under autocast: weights cast once, not per call
+        casts = CastParameters(None, lowered) if lowered else None
+        examples = casts.substitute(example_inputs) if casts is not None else example_inputs
+        graph = CachedGraph(gm, analysis, self.config, options, self.runtime, examples)
         self.graphs.append(graph)
-        return graph
+        if casts is None:
+            return graph
+        casts.fn = graph
+        return casts
 
     def _plain(self, gm: fx.GraphModule, example_inputs: list[Any], options: dict, why: str) -> Callable:
         warnings.warn(f"toca_fx: graph compiled without caching: {why}", ToCaWarning, stacklevel=3)

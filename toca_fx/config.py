@@ -16,6 +16,7 @@ from .policies.presets import PRESETS
 SELF_ATTN_MODES = ("reuse", "recompute", "recompute_cached_kv")
 INNER_COMPILERS = ("inductor", "eager")
 BRANCH_KINDS = ("self_attn", "cross_attn", "mlp")
+CACHE_DTYPES = (None, torch.bfloat16, torch.float16, torch.float32, torch.float8_e4m3fn)
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,16 @@ class ToCaConfig:
         forecasts the others (the hybrid). Order 0 is reuse (and the hybrid ToCa's rows) exactly.
     forecast_dtype: the dtype of the factors of order >= 1 (the order-0 factor is the cache, in the
         model's dtype); a floating dtype.
+    cuda_graphs: on CUDA, replay each compiled variant as a CUDA graph (captured at its second call),
+        in any `torch.compile` mode: a partial step's many small kernels then launch as one. None (the
+        default) does so wherever it can: inner="inductor", every input on CUDA, and not under
+        mode="max-autotune-no-cudagraphs"; where it cannot, the variants run uncaptured with one
+        `ToCaWarning` saying why. False never captures; True also warns where capture is impossible.
+        Under mode="reduce-overhead" the variants are captured here, not again by Inductor.
+    cache_dtype: the dtype of the branches' caches (not of keys/values or token state): None keeps each
+        branch output's dtype; torch.bfloat16 halves a float32 model's caches; torch.float8_e4m3fn
+        stores a quarter of float32's bytes (half of bf16's) with one float32 scale per cached row
+        (the row's largest magnitude over 448), read back in the branch output's dtype.
     policy: None for ToCa's schedule (the fields above), or a `Policy` (`label(step, num_steps)` and
         `plans(step, num_steps, branches)`, e.g. `FORAPolicy`, `Router.load(path)`), which then decides
         every step's plan; `num_steps`, `inner` and `calls_per_step` still apply.
@@ -111,6 +122,8 @@ class ToCaConfig:
     policy: Policy | None = None
     parallel_compile: bool | None = None
     regional: bool = True
+    cuda_graphs: bool | None = None
+    cache_dtype: Any = None
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> "ToCaConfig":
@@ -156,6 +169,8 @@ def _validate(c: ToCaConfig) -> None:
         "parallel_compile", "None, True or False", c.parallel_compile,
     )
     _check(isinstance(c.regional, bool), "regional", "True or False", c.regional)
+    _check(c.cuda_graphs is None or isinstance(c.cuda_graphs, bool), "cuda_graphs", "None, True or False", c.cuda_graphs)
+    _check(c.cache_dtype in CACHE_DTYPES, "cache_dtype", f"one of {CACHE_DTYPES}", c.cache_dtype)
     _check(isinstance(c.timestep_clock, bool), "timestep_clock", "True or False", c.timestep_clock)
     _check(
         _is_int(c.calls_per_step) and c.calls_per_step >= 1,
@@ -194,6 +209,10 @@ def _validate(c: ToCaConfig) -> None:
         c.forecast_order is not None or not getattr(c.policy, "forecasts", False),
         "forecast_order", f"an int in [0, 2] for a policy that forecasts ({c.policy!r})", c.forecast_order,
     )
+    # Forecasting updates the cache (its order-0 factor) in place from its old value; a narrow cache
+    # takes only stores and row scatters.
+    _check(c.cache_dtype is None or c.forecast_order is None, "cache_dtype",
+           "None while forecast_order is set (forecasting keeps caches in the model's dtype)", c.cache_dtype)
 
 
 def check_field(owner: str, ok: bool, field: str, allowed: str, value: object) -> None:

@@ -26,15 +26,18 @@ from .store_placement import PlaceStores
 
 _CACHING_PATCHES = {"triton.autotune_pointwise": False}
 _REUSE_PATCHES = {"max_fusion_size": 16}
+_NOT_CAPTURED = {"triton.cudagraphs": False}  # the runtime replays the variant as a CUDA graph itself
 
 
 def variant_options(options: dict, modes: set[Mode], graphed: bool) -> dict:
     """The `torch.compile` options for a variant whose branches take `modes`; `graphed`: the runtime
-    replays it as a CUDA graph itself, so Inductor's mode must not capture it too."""
+    replays it as a CUDA graph itself, so Inductor must not capture it too (its mode's other choices,
+    max-autotune's, stay)."""
     chains = Mode.REUSE in modes and Mode.ROWS not in modes  # rows plans read the stream at every block
-    out = {k: v for k, v in options.items() if not (graphed and k == "mode")}
+    out = {k: v for k, v in options.items() if not (graphed and k == "mode" and v == "reduce-overhead")}
     patches = {**(_CACHING_PATCHES if modes != {Mode.COMPUTE} else {}), **(_REUSE_PATCHES if chains else {})}
-    out["options"] = {"post_grad_custom_post_pass": PlaceStores(), **patches, **(options.get("options") or {})}
+    out["options"] = {"post_grad_custom_post_pass": PlaceStores(), **patches, **(options.get("options") or {}),
+                      **(_NOT_CAPTURED if graphed else {})}
     return out
 
 

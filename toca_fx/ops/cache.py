@@ -33,3 +33,43 @@ def scatter_rows(cache: torch.Tensor, dim: int, idx: torch.Tensor, rows: torch.T
 def store(cache: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     """Fill a cache buffer on a full step."""
     return cache.copy_(value)
+
+
+# Caches in a narrower dtype than the branch output (`ToCaConfig.cache_dtype`, `rewrite.narrow_caches`): a
+# float8 cache keeps one float32 scale per row (its largest magnitude over the format's largest value).
+FLOAT8_MAX = {torch.float8_e4m3fn: 448.0}
+_TINY = 1e-12  # a row of zeros keeps a scale that divides
+
+
+def _row_scale(value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return value.abs().amax(-1, keepdim=True).float().clamp_min(_TINY) / FLOAT8_MAX[dtype]
+
+
+def store_scaled(cache: torch.Tensor, scale: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor:
+    """Fill a narrow cache on a full step: rounded to its dtype, by per-row `scale` where it has one."""
+    if scale is None:
+        return cache.copy_(value)
+    s = _row_scale(value, cache.dtype)
+    scale.copy_(s)
+    return cache.copy_(value.float() / s)
+
+
+def load(cache: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """A narrow cache read back in the branch output's `dtype`."""
+    if scale is None:
+        return cache.to(dtype)
+    return (cache.float() * scale).to(dtype)
+
+
+def scatter_scaled(cache: torch.Tensor, scale: torch.Tensor | None, dim: int, idx: torch.Tensor, rows: torch.Tensor,
+                   dtype: torch.dtype) -> torch.Tensor:
+    """Write recomputed rows into a narrow cache (in place); the cache read back in `dtype`, with the
+    recomputed rows as computed (not rounded to the cache's dtype)."""
+    if scale is None:
+        cache.index_copy_(dim, idx, rows.to(cache.dtype))
+    else:
+        s = _row_scale(rows, cache.dtype)
+        scale.index_copy_(dim, idx, s)
+        # index_copy_ has no float8 kernels: the bytes are copied
+        cache.view(torch.uint8).index_copy_(dim, idx, (rows.float() / s).to(cache.dtype).view(torch.uint8))
+    return load(cache, scale, dtype).index_copy(dim, idx, rows.to(dtype))

@@ -26,6 +26,7 @@ from ..analysis.fake import TensorMeta
 from ..analysis.graphs import shape, value
 from ..analysis.residual import Analysis, Branch
 from ..config import ToCaConfig
+from ..ops.cache import FLOAT8_MAX
 from .score_maps import entropy_source, influence_source
 
 _STAND_IN = (0,)  # the shape of a buffer a variant does not use: nothing to read or write
@@ -38,6 +39,7 @@ class BufferSpec:
     dtype: torch.dtype
     device: torch.device
     fill: int = 0  # every element's value when allocated
+    reads_as: torch.dtype | None = None  # a cache narrower than its branch output: the output's dtype
 
     @property
     def nbytes(self) -> int:
@@ -94,8 +96,7 @@ def buffer_specs(analysis: Analysis, config: ToCaConfig) -> list[BufferSpec]:
     for b in analysis.branches:
         for name, node in _layout(b, config):
             full = f"b{b.index}_{name}"
-            dtype = config.forecast_dtype if name in _FACTORS else None
-            specs.append(_spec(full, node, dtype) if isinstance(node, fx.Node) else _state(full, node, b))
+            specs.append(_spec(full, node, name, config) if isinstance(node, fx.Node) else _state(full, node, b))
     stacks = state_stacks(analysis, config)
     for name, members in stacks.items():
         specs.append(_state(name, (len(members), members[0].tokens), members[0]))
@@ -166,6 +167,8 @@ def _layout(branch: Branch, config: ToCaConfig) -> list[tuple[str, fx.Node | tup
     """A branch's own buffers: (name, node whose shape it has, or the shape of a float32 state buffer).
     Without a batched choice its per-token state is its own too (see `state_stacks`)."""
     names: list[tuple[str, fx.Node | tuple[int, ...]]] = [("cache", branch.out)]
+    if config.cache_dtype in FLOAT8_MAX:
+        names.append(("scale", branch.out))
     if _scored(branch, config) and not batched(config):
         names.append(("ref", (branch.tokens,)))
     if not batched(config):
@@ -231,6 +234,15 @@ def _state(name: str, shape: tuple[int, ...], branch: Branch) -> BufferSpec:
     return BufferSpec(name, shape, torch.float32, value(branch.out).device)
 
 
-def _spec(name: str, node: fx.Node, dtype: torch.dtype | None = None) -> BufferSpec:
+def _spec(name: str, node: fx.Node, kind: str = "", config: ToCaConfig | None = None) -> BufferSpec:
+    """The buffer of `node`'s shape; a branch's cache in `config.cache_dtype` where that is narrower,
+    a float8 cache's "scale" (one float32 per row), Taylor factors in `config.forecast_dtype`."""
     v = value(node)
-    return BufferSpec(name, shape(node), dtype or v.dtype, v.device)
+    narrow = config is not None and config.cache_dtype is not None and config.cache_dtype != v.dtype
+    if kind == "scale":
+        return BufferSpec(name, (*shape(node)[:-1], 1), torch.float32, v.device, fill=1)
+    if kind == "cache" and narrow:
+        return BufferSpec(name, shape(node), config.cache_dtype, v.device, reads_as=v.dtype)
+    if kind in _FACTORS and config is not None:
+        return BufferSpec(name, shape(node), config.forecast_dtype, v.device)
+    return BufferSpec(name, shape(node), v.dtype, v.device)

@@ -1,15 +1,17 @@
 """Compiling a graph's variants: each at its first call, the rest of its generation ahead in workers.
 
 A variant's graph is built from its plan (`rewrite.variants`), compiled with its options
-(`compile.options`), and with `mode="reduce-overhead"` on CUDA replayed as a CUDA graph here
-(`compile.cudagraphs`): Inductor's own capture skips graphs that update inputs in place, as every
-variant does. Its inputs are the call's and the buffers it uses, with stand-ins for the others, so its
+(`compile.options`), and on CUDA replayed as a CUDA graph here in any mode (`compile.cudagraphs`,
+`ToCaConfig.cuda_graphs`): Inductor's own capture skips graphs that update inputs in place, as every
+variant does. Where the graphs cannot be used, one `ToCaWarning` per graph says why. Its inputs are the call's and the buffers it uses, with stand-ins for the others, so its
 compilation, and its cache keys, are the same in any order of first calls and in a worker's.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
+import warnings
 from dataclasses import asdict
 from functools import partial
 from typing import Any, Callable
@@ -19,12 +21,15 @@ import torch.fx as fx
 
 from ..analysis.fake import metas_of
 from ..compile import workers
-from ..compile.cudagraphs import CudaGraphed
+from ..compile.autocast import autocast_dtype
+from ..compile.cudagraphs import CudaGraphed, decide
 from ..compile.options import compile_variant, inductor_patches, variant_options
 from ..compile.regions import Regional
 from ..config import ToCaConfig
+from ..errors import ToCaWarning
 from ..rewrite.variants import build_variant
 from ..rewrite.layout import BufferSpec
+from ..rewrite.narrow_caches import narrow_caches
 from .planner import Planner, Step, Variant
 from .state import CacheState, Stream
 
@@ -44,11 +49,15 @@ class VariantCompiler:
         self._pool = None
         self._ahead = workers.Prefetch()  # workers compiling variants before their first calls
         self._prefetched: set[int] = set()  # num_steps of the generations whose variants went to it
+        self._warned = False  # a CUDA-graph fallback was reported
+        self._amp: list[tuple[str, torch.dtype]] = []  # (device type, dtype) of the calls' autocast
 
     def graph(self, variant: Variant) -> fx.GraphModule:
         """The variant's rewritten graph, built on first use."""
         if variant.graph is None:
             variant.graph, variant.used = build_variant(self.gm, dict(variant.key), self.config)
+            if self.config.cache_dtype is not None:
+                variant.used = narrow_caches(variant.graph, self.specs, variant.used)
         return variant.graph
 
     def used(self, variant: Variant) -> frozenset[int]:
@@ -62,8 +71,18 @@ class VariantCompiler:
         return [*args, *(b if i in used else s.stand_in() for i, (b, s) in enumerate(zip(buffers, self.specs)))]
 
     def example(self, args: tuple) -> list[Any]:
-        """The metadata of a call's inputs, the buffers as allocated: what FLOPs are counted on."""
+        """The metadata of a call's inputs, the buffers as allocated: what FLOPs are counted on (under
+        the autocast of that call, `amp`)."""
+        devices = {a.device.type for a in args if isinstance(a, torch.Tensor)}
+        self._amp = [(d, autocast_dtype(torch.device(d))) for d in sorted(devices) if autocast_dtype(torch.device(d))]
         return metas_of(list(args)) + [s.meta() for s in self.specs]
+
+    def amp(self) -> contextlib.ExitStack:
+        """The autocast the calls run under (as `example` saw it), to run the graphs elsewhere as they run."""
+        stack = contextlib.ExitStack()
+        for device, dtype in self._amp:
+            stack.enter_context(torch.autocast(device, dtype=dtype))
+        return stack
 
     def compile(self, variant: Variant, args: tuple, state: CacheState, stream: Stream, generation: list[Step]) -> None:
         """Compile `variant` (due now, at a step of `generation`), first sending the generation's
@@ -92,7 +111,7 @@ class VariantCompiler:
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
             static = [hasattr(x, "_dynamo_static_input_type") for x in args] + [True] * len(self.specs)
-            runner = stream.runners[key] = CudaGraphed(variant.fn, static, self._pool)
+            runner = stream.runners[key] = CudaGraphed(variant.fn, static, self._pool, self._fallback)
         return runner
 
     def compile_times(self) -> list[dict[str, Any]]:
@@ -131,7 +150,9 @@ class VariantCompiler:
         self._prefetched.add(num_steps)
         graphed = self.graphed
         patches = inductor_patches(variant_options(self.options, first.modes, graphed))
-        ahead = workers.enabled(self.config.parallel_compile, patches)
+        # A worker traces without this thread's autocast: its graphs would not be the ones called here.
+        autocast = any(autocast_dtype(a.device) for a in args if isinstance(a, torch.Tensor))
+        ahead = workers.enabled(self.config.parallel_compile, patches) and not autocast
         order = list(dict.fromkeys(s.variant for s in generation if s.variant.fn is None))
         here = order[: _HERE_REGIONAL if self.config.regional else _HERE_WHOLE] if first in order else []
         ahead = ahead and len(order) > len(here)
@@ -154,4 +175,14 @@ class VariantCompiler:
     def _graphed(self, args: tuple) -> bool:
         """Whether variants are captured as CUDA graphs here (`CudaGraphed`, one per cache stream, bound
         to its buffers) rather than by Inductor, which skips graphs that update inputs in place."""
-        return self.options.get("mode") == "reduce-overhead" and any(isinstance(a, torch.Tensor) and a.is_cuda for a in args)
+        graphed, why = decide(self.config.cuda_graphs, self.config.inner, self.options, args)
+        if why is not None:
+            self._fallback(why)
+        return graphed
+
+    def _fallback(self, why: str) -> None:
+        """One warning per graph where its variants run without CUDA graphs (or one of them does)."""
+        if not self._warned:
+            self._warned = True
+            warnings.warn(f"toca_fx: CUDA graphs not used: {why}; such calls launch each kernel from Python "
+                          "(slower at small token counts)", ToCaWarning, stacklevel=2)

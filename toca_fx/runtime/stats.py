@@ -27,13 +27,17 @@ class FlopTable:
 
     def by_branch(self, graph: CachedGraph) -> dict[Any, Counter]:
         if self.example is not None:
-            n_args = len(self.example) - len(graph.layout)
-            if UNCACHED not in self._by_branch:
-                self._by_branch[UNCACHED] = graph_flops(graph.gm, self.example[:n_args])
-            for variant in graph.compiler.compiled:
-                if variant.key not in self._by_branch:
-                    self._by_branch[variant.key] = graph_flops(graph.compiler.graph(variant), self.example)
+            with graph.compiler.amp():
+                self._count(graph)
         return self._by_branch
+
+    def _count(self, graph: CachedGraph) -> None:
+        n_args = len(self.example) - len(graph.layout)
+        if UNCACHED not in self._by_branch:
+            self._by_branch[UNCACHED] = graph_flops(graph.gm, self.example[:n_args])
+        for variant in graph.compiler.compiled:
+            if variant.key not in self._by_branch:
+                self._by_branch[variant.key] = graph_flops(graph.compiler.graph(variant), self.example)
 
 
 def plan_calls(graph: CachedGraph) -> list[tuple[Variant, int]]:
