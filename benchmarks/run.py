@@ -378,7 +378,7 @@ def run_case(
                 result = time_generations(fn, start, make, case.steps, repeats, case.cfg)
         except Exception as e:  # noqa: BLE001 - one setting's failure is a row, not the end of the run
             log({"model": case.name, "setting": name, "error": f"{type(e).__name__}: {e}"[:2000]})
-            del fn, backend
+            fn = backend = None  # its caches and graphs go before the next setting
             continue
         samples.append(result.pop("sample"))
         row = {"model": case.name, "setting": name, **result}

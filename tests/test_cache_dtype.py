@@ -67,7 +67,8 @@ def test_float8_caches_under_inductor_match_eager():
 
 def test_another_in_place_update_of_a_narrow_cache_is_refused():
     graph = fx.Graph()
-    x, cache, scale = graph.placeholder("x"), graph.placeholder("toca_b0_cache"), graph.placeholder("toca_b0_scale")
+    x, cache = graph.placeholder("x"), graph.placeholder("toca_b0_cache")
+    graph.placeholder("toca_b0_scale")
     graph.output(graph.call_function(refresh_scores, (x, cache)))
     specs = (BufferSpec("b0_cache", (1, 4, 8), F8, torch.device("cpu"), reads_as=torch.float32),
              BufferSpec("b0_scale", (1, 4, 1), torch.float32, torch.device("cpu")))

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from toca_fx import ToCaBackend, ToCaConfig
-from toca_fx.compile import cudagraphs
 from toca_fx.compile.cudagraphs import CudaGraphed, decide
 from toca_fx.compile.options import inductor_patches, variant_options
 from toca_fx.errors import ToCaWarning
