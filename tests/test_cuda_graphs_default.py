@@ -13,7 +13,7 @@ from toca_fx.compile.cudagraphs import CudaGraphed, decide
 from toca_fx.compile.options import inductor_patches, variant_options
 from toca_fx.errors import ToCaWarning
 from toca_fx.policies.plan import Mode
-from toca_fx.runtime import compiler
+from toca_fx.runtime import replay
 
 from tests.helpers import step_inputs, tiny_dit
 
@@ -161,7 +161,7 @@ def test_graphed_generation_equals_the_uncaptured_one(monkeypatch):
     assert not backend.graphs[0].compiler.graphed
     torch._dynamo.reset()
     _fake_cuda(monkeypatch)
-    monkeypatch.setattr(compiler, "decide", lambda *a: (True, None))
+    monkeypatch.setattr(replay, "decide", lambda *a: (True, None))
     runners = []
     original = CudaGraphed._capture
 

@@ -1,20 +1,18 @@
 """Compiling a graph's variants: each at its first call, the rest of its generation ahead in workers.
 
 A variant's graph is built from its plan (`rewrite.variants`), compiled with its options
-(`compile.options`), and on CUDA replayed as a CUDA graph here in any mode (`compile.cudagraphs`,
-`ToCaConfig.cuda_graphs`): Inductor's own capture skips graphs that update inputs in place, as every
-variant does. Where the graphs cannot be used, one `ToCaWarning` per graph says why. Its inputs are the call's and the buffers it uses, with stand-ins for the others, so its
-compilation, and its cache keys, are the same in any order of first calls and in a worker's.
+(`compile.options`), and on CUDA replayed as a CUDA graph in any mode (`runtime.replay`). Its inputs
+are the call's and the buffers it uses, with stand-ins for the others, so its compilation, and its
+cache keys, are the same in any order of first calls and in a worker's.
 """
 from __future__ import annotations
 
 import contextlib
 import logging
 import time
-import warnings
 from dataclasses import asdict
 from functools import partial
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -22,15 +20,14 @@ import torch.fx as fx
 from ..analysis.fake import metas_of
 from ..compile import workers
 from ..compile.autocast import autocast_dtype
-from ..compile.cudagraphs import CudaGraphed, decide
 from ..compile.options import compile_variant, inductor_patches, variant_options
 from ..compile.regions import Regional
 from ..config import ToCaConfig
-from ..errors import ToCaWarning
 from ..rewrite.variants import build_variant
 from ..rewrite.layout import BufferSpec
 from ..rewrite.narrow_caches import narrow_caches
 from .planner import Planner, Step, Variant
+from .replay import Replays
 from .state import CacheState, Stream
 
 log = logging.getLogger("toca_fx")  # INFO: each variant's compilation, as it ends (they can take minutes)
@@ -45,11 +42,9 @@ class VariantCompiler:
                  planner: Planner):
         self.gm, self.config, self.options, self.specs, self.planner = gm, config, options, specs, planner
         self.compiled: list[Variant] = []  # in the order compiled
-        self.graphed = False  # variants replayed as CUDA graphs here (decided at the first compilation)
-        self._pool = None
+        self.replays = Replays(config, options, len(specs))
         self._ahead = workers.Prefetch()  # workers compiling variants before their first calls
         self._prefetched: set[int] = set()  # num_steps of the generations whose variants went to it
-        self._warned = False  # a CUDA-graph fallback was reported
         self._amp: list[tuple[str, torch.dtype]] = []  # (device type, dtype) of the calls' autocast
 
     def graph(self, variant: Variant) -> fx.GraphModule:
@@ -88,7 +83,7 @@ class VariantCompiler:
         """Compile `variant` (due now, at a step of `generation`), first sending the generation's
         others to workers where that is on."""
         if not self.compiled:
-            self.graphed = self._graphed(args)
+            self.replays.decide(args)
         self._prefetch(variant, args, generation)
         inputs = self.inputs(variant, args, state, stream)
         graphed = self.graphed
@@ -103,16 +98,10 @@ class VariantCompiler:
         if self.config.inner == "inductor":
             log.info(self._message(variant, generation))
 
-    def runner(self, variant: Variant, stream: Stream, args: tuple) -> Callable:
-        """The variant replayed as a CUDA graph bound to `stream`'s buffers (captured at its second call)."""
-        key = (id(self), variant.id)
-        runner = stream.runners.get(key)
-        if runner is None:
-            if self._pool is None:
-                self._pool = torch.cuda.graph_pool_handle()
-            static = [hasattr(x, "_dynamo_static_input_type") for x in args] + [True] * len(self.specs)
-            runner = stream.runners[key] = CudaGraphed(variant.fn, static, self._pool, self._fallback)
-        return runner
+    @property
+    def graphed(self) -> bool:
+        """Variants replayed as CUDA graphs here (decided at the first compilation)."""
+        return self.replays.on
 
     def compile_times(self) -> list[dict[str, Any]]:
         """Per variant compiled, in that order: the label and step of its first call, the seconds that
@@ -171,18 +160,3 @@ class VariantCompiler:
         buffers = [s.meta(used=i in used) for i, s in enumerate(self.specs)]
         patches = inductor_patches(variant_options(self.options, variant.modes, graphed))
         return workers.job(self.graph(variant), [*metas, *buffers], patches, self.config.regional)
-
-    def _graphed(self, args: tuple) -> bool:
-        """Whether variants are captured as CUDA graphs here (`CudaGraphed`, one per cache stream, bound
-        to its buffers) rather than by Inductor, which skips graphs that update inputs in place."""
-        graphed, why = decide(self.config.cuda_graphs, self.config.inner, self.options, args)
-        if why is not None:
-            self._fallback(why)
-        return graphed
-
-    def _fallback(self, why: str) -> None:
-        """One warning per graph where its variants run without CUDA graphs (or one of them does)."""
-        if not self._warned:
-            self._warned = True
-            warnings.warn(f"toca_fx: CUDA graphs not used: {why}; such calls launch each kernel from Python "
-                          "(slower at small token counts)", ToCaWarning, stacklevel=2)

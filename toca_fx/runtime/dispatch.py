@@ -58,7 +58,7 @@ class CachedGraph:
         label, variant = self._step(tick, stream, num_steps)
         if variant.fn is None:
             self._compile(variant, args, state, stream, num_steps)
-        fn = self.compiler.runner(variant, stream, args) if self.compiler.graphed else variant.fn
+        fn = self.compiler.replays.runner(id(self), variant, stream, args) if self.compiler.graphed else variant.fn
         buffers = state.buffers(stream, variant.used)
         if self._clock is not None:
             buffers[self._clock].fill_(tick.step)
