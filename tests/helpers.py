@@ -41,3 +41,18 @@ def tiny_dit_generation(config: ToCaConfig) -> tuple[list[torch.Tensor], ToCaBac
     fast = torch.compile(model, backend=backend, dynamic=False)
     with torch.no_grad():
         return [fast(*args) for args in step_inputs(model, config.num_steps)], backend
+
+
+def captured_graph(fn, *inputs):
+    """The one graph Dynamo captures of `fn(*inputs)`, as the backend would be handed it."""
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(fn, backend=record, dynamic=False)(*inputs)
+    (gm,) = graphs
+    return gm

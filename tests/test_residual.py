@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from expecttest import TestCase
 
+from tests.helpers import captured_graph
 from toca_fx.analysis.graphs import op_name
 from toca_fx.analysis.residual import find_branches
 
@@ -15,17 +16,7 @@ W, W2 = torch.randn(D, D) / 4, torch.randn(D, 2 * D) / 4
 
 
 def analyse(fn, *inputs):
-    graphs = []
-
-    def record(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
-    torch._dynamo.reset()
-    with torch.no_grad():
-        torch.compile(fn, backend=record, dynamic=False)(*inputs)
-    (gm,) = graphs
-    return find_branches(gm.graph)
+    return find_branches(captured_graph(fn, *inputs).graph)
 
 
 def summary(analysis) -> str:

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from expecttest import TestCase
 
+from tests.helpers import captured_graph
 from toca_fx.analysis.residual import find_branches
 
 from tests.graph_text import graph_text
@@ -122,17 +123,7 @@ NOT_TOKEN_LOCAL = {  # branch -> words of the reason
 
 
 def analyse(branch):
-    graphs = []
-
-    def record(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
-    torch._dynamo.reset()
-    with torch.no_grad():
-        torch.compile(lambda x: x + branch(x), backend=record, dynamic=False)(torch.randn(B, N, D))
-    (gm,) = graphs
-    return find_branches(gm.graph)
+    return find_branches(captured_graph(lambda x: x + branch(x), torch.randn(B, N, D)).graph)
 
 
 @pytest.mark.parametrize("branch", list(TOKEN_LOCAL), ids=lambda f: f.__name__)

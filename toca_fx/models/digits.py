@@ -45,25 +45,25 @@ def save_checkpoint(module: torch.nn.Module, config: dict, path: str | Path, dty
     torch.save({"config": dict(config), "state_dict": state}, path)
 
 
-def _load(path: str | Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
+def load_model(cls: type[torch.nn.Module], checkpoint: str | Path, device: torch.device | str | None = None,
+               **kwargs) -> torch.nn.Module:
+    """A `cls` from a checkpoint `save_checkpoint` wrote, in float32 (load_state_dict's copy upcasts
+    narrower weights) and eval mode; `kwargs` go to its constructor."""
+    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    model = cls(**ckpt["config"], **kwargs)
+    model.load_state_dict(ckpt["state_dict"])
+    return model.eval().to(device)
 
 
 def load_digits_dit(
     device: torch.device | str | None = None, attention: str = "sdpa", checkpoint: str | Path | None = None
 ) -> DiT:
     """The trained digits DiT in float32 eval mode; `attention="manual"` exposes the attention map."""
-    ckpt = _load(checkpoint or DIT_CHECKPOINT)
-    model = DiT(**ckpt["config"], attention=attention)
-    model.load_state_dict(ckpt["state_dict"])  # copy_ upcasts the fp16 weights
-    return model.eval().to(device)
+    return load_model(DiT, checkpoint or DIT_CHECKPOINT, device, attention=attention)
 
 
 def load_digits_classifier(
     device: torch.device | str | None = None, checkpoint: str | Path | None = None
 ) -> DigitClassifier:
     """The digits classifier, with the real digits' feature statistics, in eval mode."""
-    ckpt = _load(checkpoint or CLASSIFIER_CHECKPOINT)
-    model = DigitClassifier(**ckpt["config"])
-    model.load_state_dict(ckpt["state_dict"])
-    return model.eval().to(device)
+    return load_model(DigitClassifier, checkpoint or CLASSIFIER_CHECKPOINT, device)

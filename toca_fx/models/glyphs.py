@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..eval.metrics import DigitClassifier
-from .digits import save_checkpoint
+from .digits import load_model, save_checkpoint
 from .pixart import PixArt
 
 __all__ = [
@@ -148,18 +148,11 @@ class GlyphsDiT(PixArt):
         return super().forward(x, t, self.class_tokens[y])
 
 
-def _load(path: str | Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
 def load_glyphs_dit(
     device: torch.device | str | None = None, attention: str = "sdpa", checkpoint: str | Path | None = None
 ) -> GlyphsDiT:
     """The trained glyphs DiT in float32 eval mode; `attention="manual"` exposes the attention map."""
-    ckpt = _load(checkpoint or DIT_CHECKPOINT)
-    model = GlyphsDiT(**ckpt["config"], attention=attention)
-    model.load_state_dict(ckpt["state_dict"])  # copy_ upcasts the bf16 weights
-    return model.eval().to(device)
+    return load_model(GlyphsDiT, checkpoint or DIT_CHECKPOINT, device, attention=attention)
 
 
 def load_glyphs_classifier(
@@ -167,7 +160,4 @@ def load_glyphs_classifier(
 ) -> DigitClassifier:
     """The glyphs classifier (the digits' CNN at 32x32, 43 classes) with the real glyphs' feature
     statistics, in eval mode."""
-    ckpt = _load(checkpoint or CLASSIFIER_CHECKPOINT)
-    model = DigitClassifier(**ckpt["config"])
-    model.load_state_dict(ckpt["state_dict"])
-    return model.eval().to(device)
+    return load_model(DigitClassifier, checkpoint or CLASSIFIER_CHECKPOINT, device)
