@@ -183,7 +183,7 @@ class _Worker:
             with tempfile.TemporaryFile() as stdin:
                 stdin.write(data)
                 stdin.seek(0)
-                # Its own session: at exit the worker and its compile pool stop together (`_stop_all`).
+                # Its own process group (start_new_session): at exit the worker and its compile pool stop together (`_stop_all`).
                 process = subprocess.Popen(
                     _command(), stdin=stdin, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
                 )
