@@ -237,3 +237,12 @@ def test_a_large_batch_still_reads_its_timestep(model):
     with torch.no_grad():
         fast(*step_inputs(model, 1, batch=96)[0])
     assert found == [(96,)]
+
+
+def test_an_input_that_never_changes_is_not_taken_for_a_timestep(model):
+    inputs = [(x, torch.full_like(t, 500.0), y) for x, t, y in step_inputs(model, 12)]
+    with pytest.warns(ToCaWarning, match="kept its value over 8 calls"):
+        _, backend = _run(model, inputs)
+    (graph,) = backend.graphs
+    assert len(graph.state.streams) <= 8  # not a cache stream per call
+    assert graph.calls["partial"] > 0  # counted steps cache again

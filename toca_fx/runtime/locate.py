@@ -19,6 +19,9 @@ from .registry import Owner, Runtime
 from .state import CacheState
 
 
+_MAX_STREAMS = 8  # calls at one timestep: guidance halves and a sampler's evaluations take a few
+
+
 class Locator:
     def __init__(self, graph: fx.Graph, example_inputs: list[Any], runtime: Runtime, clocked: bool,
                  calls_per_step: int):
@@ -44,9 +47,19 @@ class Locator:
             return state, state.count(self.runtime.num_steps, self.calls_per_step), state.num_steps
         if reads:
             self._observe(clock, args)
+            if clock.stream >= _MAX_STREAMS:
+                return self._count_from_now(state)
         self.runtime.called(state, clock)
         state.generation = clock.generation
         return state, clock.tick(), clock.num_steps
+
+    def _count_from_now(self, state: CacheState) -> tuple[CacheState, Tick, int]:
+        """The "timestep" never changes (an input embedded like one, but constant): count calls."""
+        self.runtime.warn_once("constant clock", f"toca_fx: the input read as the timestep kept its value over "
+                               f"{_MAX_STREAMS} calls, so it is not one: steps are counted by calls from now on")
+        self.clocked = False
+        self.runtime.called(state, None)
+        return state, state.count(self.runtime.num_steps, self.calls_per_step), state.num_steps
 
     def _observe(self, clock: Clock, args: tuple) -> None:
         values = tuple(read_timestep(args[i]) for i in self._timesteps) or self._constants
