@@ -103,8 +103,9 @@ def _runner(fn, static, monkeypatch, fail=None):
 
     def capture(args):  # the stand-in graph reruns the call on the slots, writing into the outputs
         ok = original(args)
-        if ok:
-            graphed.graph.run = lambda: [o.copy_(n) for o, n in zip(graphed.outputs, fn(*graphed.slots))]
+        if ok:  # the static inputs, which the runner does not hold, at the addresses captured
+            slots = [a if s is None else s for s, a in zip(graphed.slots, args)]
+            graphed.graph.run = lambda: [o.copy_(n) for o, n in zip(graphed.outputs, fn(*slots))]
         return ok
 
     graphed._capture = capture
@@ -171,7 +172,7 @@ def test_graphed_generation_equals_the_uncaptured_one(monkeypatch):
         for a, b in zip(args, before):
             if b is not None:
                 a.copy_(b)
-        fn, slots = self.fn, self.slots
+        fn, slots = self.fn, [a if s is None else s for s, a in zip(self.slots, args)]
         self.graph.run = lambda: [o.copy_(n) for o, n in zip(self.outputs, fn(*slots))]
         runners.append(self)
         return ok
@@ -179,6 +180,8 @@ def test_graphed_generation_equals_the_uncaptured_one(monkeypatch):
     monkeypatch.setattr(CudaGraphed, "_capture", capture)
     graphed, backend = _generation(config)
     assert backend.graphs[0].compiler.graphed and runners  # replayed
+    # A runner keeps no static input (parameters) alive: only the inputs it copies into.
+    assert all(not isinstance(s, torch.nn.Parameter) for r in runners for s in r.slots)
     for step, (a, b) in enumerate(zip(graphed, plain)):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f"step {step}")
 

@@ -99,6 +99,10 @@ class CudaGraphed:
             self._fall_back(f"capture failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
             return False
         self.graph, self.captures = graph, self.captures + 1
+        # The replay reads the static inputs at their addresses; holding them here would keep a deleted
+        # model's parameters (and so its caches) alive.
+        kept = set(self.kept)
+        self.slots = [None if i in kept else s for i, s in enumerate(self.slots)]
         return True
 
     def _fall_back(self, why: str) -> None:
