@@ -38,7 +38,7 @@ class CachedGraph:
     def __init__(self, gm: fx.GraphModule, analysis: Analysis, config: ToCaConfig, options: dict,
                  runtime: Runtime, example_inputs: list[Any]):
         self.gm, self.analysis, self.config, self.runtime = gm, analysis, config, runtime
-        self.layout = tuple(buffer_specs(analysis, config))
+        self.layout = runtime.layout(tuple(buffer_specs(analysis, config)))
         self._clock = clock_index(self.layout)
         self.planner = Planner(analysis.branches, config.policy if config.policy is not None else ToCaPolicy(config))
         self.compiler = VariantCompiler(gm, config, options, self.layout, self.planner)

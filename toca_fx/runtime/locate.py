@@ -50,7 +50,6 @@ class Locator:
             if clock.stream >= _MAX_STREAMS:
                 return self._count_from_now(state)
         self.runtime.called(state, clock)
-        state.generation = clock.generation
         return state, clock.tick(), clock.num_steps
 
     def _count_from_now(self, state: CacheState) -> tuple[CacheState, Tick, int]:

@@ -37,6 +37,7 @@ class Runtime:
         self.num_steps = num_steps  # the steps planned for each generation that starts from now on
         self._clocks: dict[tuple, Clock] = {}
         self._states: dict[tuple, CacheState] = {}
+        self._layouts: dict[tuple, tuple] = {}
         self._epoch = 0  # resets so far
         self._local = threading.local()
         self._warned: set[str] = set()
@@ -68,8 +69,13 @@ class Runtime:
             if state.clock is clock and state.generation < clock.generation - 1:
                 state.release()
 
+    def layout(self, specs: tuple[BufferSpec, ...]) -> tuple[BufferSpec, ...]:
+        """The one copy of an equal buffer layout: states are keyed by its identity, not hashed per call."""
+        return self._layouts.setdefault(specs, specs)
+
     def state(self, owner: Owner, layout: tuple[BufferSpec, ...]) -> CacheState:
-        key = ("state", owner.key, layout, threading.get_ident())
+        """`owner`'s state for `layout` (as `layout()` returned it) in this thread."""
+        key = ("state", owner.key, id(layout), threading.get_ident())
         state = self._states.get(key)
         if state is None:
             state = self._states[key] = CacheState(list(layout))
@@ -79,6 +85,8 @@ class Runtime:
     def called(self, state: CacheState, clock: Clock | None) -> None:
         """Book a call of `state` (following `clock`, or counting its own steps without one)."""
         state.clock, state.epoch = clock, self._epoch
+        if clock is not None:
+            state.generation = clock.generation
 
     def reset(self, num_steps: int | None) -> None:
         """The next call of every model starts a new generation (of `num_steps` steps, if given); the
