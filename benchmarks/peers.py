@@ -41,7 +41,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.run import (  # noqa: E402
-    Case, _flux, _flux_inputs, _rel_l2, build, fresh_inductor_caches, generate, time_generations, warm_up,
+    Case, flux_model, flux_inputs, rel_l2, build, fresh_inductor_caches, generate, time_generations, warm_up,
 )
 from toca_fx import ToCaBackend, ToCaConfig  # noqa: E402
 
@@ -232,13 +232,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.tiny:
         size = dict(in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16, num_attention_heads=4,
                     joint_attention_dim=24, pooled_projection_dim=16, guidance_embeds=True, axes_dims_rope=(4, 6, 6))
-        inputs = _flux_inputs(8, 16, 8, 24, 16)
+        inputs = flux_inputs(8, 16, 8, 24, 16)
     else:
         size = dict(in_channels=64, num_layers=args.double, num_single_layers=args.single, attention_head_dim=128,
                     num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
                     axes_dims_rope=(16, 56, 56))
-        inputs = _flux_inputs(64, 64, 512, 4096, 768)
-    case = Case("FLUX", _flux(**size), 1, STEPS, inputs, [], cfg=False, build_in_dtype=True, float32_reference=False)
+        inputs = flux_inputs(64, 64, 512, 4096, 768)
+    case = Case("FLUX", flux_model(**size), 1, STEPS, inputs, [], cfg=False, build_in_dtype=True, float32_reference=False)
     model, x0, args_of = build(case, device, dtype)
     warm_up(model, x0, args_of, cfg=False)
     uncached = counted_flops(model, x0, args_of)
@@ -267,7 +267,7 @@ def _finished(rows: list[dict]) -> list[dict]:
         r = dict(r)
         sample = r.pop("sample", None)
         if sample is not None and reference is not None:
-            r["rel_l2"] = _rel_l2(sample, reference)
+            r["rel_l2"] = rel_l2(sample, reference)
         out.append(r)
     return out
 

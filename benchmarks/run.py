@@ -119,7 +119,7 @@ def _pixart_inputs(size: int, caption: int, text_tokens: int = 120):
     return make
 
 
-def _flux_inputs(side: int, channels: int, text_tokens: int, text_channels: int, pooled: int, guidance: float = 3.5):
+def flux_inputs(side: int, channels: int, text_tokens: int, text_channels: int, pooled: int, guidance: float = 3.5):
     """FLUX's packed latent (side x side tokens), text, pooled text, and the ids and guidance its pipeline
     passes; the timestep as the pipeline passes it, t / 1000."""
     def make(batch: int, device: torch.device):
@@ -139,7 +139,7 @@ def _flux_inputs(side: int, channels: int, text_tokens: int, text_channels: int,
     return make
 
 
-def _flux(**config: Any) -> Callable[[], torch.nn.Module]:
+def flux_model(**config: Any) -> Callable[[], torch.nn.Module]:
     def build() -> torch.nn.Module:
         import diffusers  # only this case needs diffusers
 
@@ -194,7 +194,7 @@ def cases(tiny: bool) -> dict[str, Case]:
         if _has_diffusers():
             tiny_flux = dict(in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16, num_attention_heads=4,
                              joint_attention_dim=24, pooled_projection_dim=16, guidance_embeds=True, axes_dims_rope=(4, 6, 6))
-            table["flux"] = Case("tiny FLUX", _flux(**tiny_flux), 1, 6, _flux_inputs(8, 16, 8, 24, 16),
+            table["flux"] = Case("tiny FLUX", flux_model(**tiny_flux), 1, 6, flux_inputs(8, 16, 8, 24, 16),
                                  _settings(6, ("ToCa preset flux", ToCaConfig.preset("flux", num_steps=6))), cfg=False)
         return table
     return {
@@ -206,7 +206,7 @@ def cases(tiny: bool) -> dict[str, Case]:
             "PixArt-alpha 2048x2048", lambda: PixArt.alpha(input_size=256), 1, 20, _pixart_inputs(256, 4096), _settings(20, PIXART_PRESET)
         ),
         # 1024x1024: 64 x 64 packed latent tokens of 64 channels, 512 T5 tokens; guidance-distilled: no CFG.
-        "flux": Case("FLUX.1-dev 1024x1024", _flux(**FLUX_DEV), 1, 28, _flux_inputs(64, 64, 512, 4096, 768),
+        "flux": Case("FLUX.1-dev 1024x1024", flux_model(**FLUX_DEV), 1, 28, flux_inputs(64, 64, 512, 4096, 768),
                      _settings(28, FLUX_PRESET), cfg=False, build_in_dtype=True, float32_reference=False),
     }
 
@@ -391,17 +391,17 @@ def run_case(
                        cuda_graphs=any(g.compiler.graphed for g in graphs),
                        state_bytes=sum(g.state.nbytes for g in graphs if g.state is not None))
         if exact is not None:
-            row["rel_l2_float32"] = _rel_l2(samples[-1], exact)
+            row["rel_l2_float32"] = rel_l2(samples[-1], exact)
         rows.append(row)
         log(row)
         del fn, backend
     reference = next(s for s, r in zip(samples, rows) if r["setting"].startswith("inductor"))
     named = {r["setting"]: s for r, s in zip(rows, samples)}
     for row, sample in zip(rows, samples):
-        row["rel_l2"] = _rel_l2(sample, reference)
+        row["rel_l2"] = rel_l2(sample, reference)
         graphed = named.get(row["setting"].replace(UNGRAPHED, "")) if UNGRAPHED in row["setting"] else None
         if graphed is not None:  # the runtime's CUDA graphs against launching the same kernels one by one
-            row["rel_l2_vs_graphed"] = _rel_l2(sample, graphed)
+            row["rel_l2_vs_graphed"] = rel_l2(sample, graphed)
     return _relative(rows)
 
 
@@ -413,7 +413,7 @@ def float32_generation(model: torch.nn.Module, x0: torch.Tensor, args_of: Callab
         return generate(copy.deepcopy(model).float(), x0.float(), cast_inputs(args_of, torch.float32), case.steps, cfg=case.cfg)
 
 
-def _rel_l2(sample: torch.Tensor, reference: torch.Tensor) -> float:
+def rel_l2(sample: torch.Tensor, reference: torch.Tensor) -> float:
     return (sample.float() - reference.float()).norm().item() / reference.float().norm().item()
 
 

@@ -37,7 +37,7 @@ def test_cfg_loop_is_unchanged():
 
 def test_loop_without_cfg_calls_once_per_step_with_keywords():
     batch, steps = 2, 4
-    x0, args_of = run._flux_inputs(side=3, channels=5, text_tokens=2, text_channels=6, pooled=7)(batch, torch.device("cpu"))
+    x0, args_of = run.flux_inputs(side=3, channels=5, text_tokens=2, text_channels=6, pooled=7)(batch, torch.device("cpu"))
     calls = []
 
     def model(**kw):
@@ -59,7 +59,7 @@ def test_loop_without_cfg_calls_once_per_step_with_keywords():
 
 
 def test_cast_inputs_casts_latents_and_conditions_only():
-    x0, args_of = run._flux_inputs(2, 4, 3, 6, 5)(1, torch.device("cpu"))
+    x0, args_of = run.flux_inputs(2, 4, 3, 6, 5)(1, torch.device("cpu"))
     args = run.cast_inputs(args_of, torch.bfloat16)(x0, torch.full((1,), 999.0))
     assert {k for k, v in args.items() if isinstance(v, torch.Tensor) and v.dtype == torch.bfloat16} == {
         "hidden_states", "encoder_hidden_states", "pooled_projections", "img_ids", "txt_ids"
