@@ -26,6 +26,7 @@ import torch
 import torch.fx as fx
 
 from .axes import Axes, NotTokenLocal, Passengers, TokenFlow
+from .collectives import restrict
 from .graphs import ancestors, depends, op_name, positions, readable_name, shape, value
 from .tokens import follow, propagate
 
@@ -113,6 +114,7 @@ def find_branches(graph: fx.Graph) -> Analysis:
             continue
         branch.index = len(result.branches)
         result.branches.append(branch)
+    restrict(result.branches)  # a branch that exchanges tokens between ranks is cached whole only
     return result
 
 

@@ -5,6 +5,7 @@ import operator
 
 import torch.fx as fx
 
+from ..analysis.collectives import unread_exchange
 from ..analysis.graphs import op_name
 from ..analysis.rules.indexing import ALIASING
 from ..ops import SIDE_EFFECTS
@@ -13,7 +14,7 @@ from ..ops import SIDE_EFFECTS
 def eliminate_dead_code(graph: fx.Graph) -> None:
     """FX's dead-code elimination, keeping the cache updates that no node reads, and dropping writes
     into computed tensors that nothing reads (a branch's rotary written in place, once its rows are
-    computed apart)."""
+    computed apart) and the exchanges between ranks of branches not run (a reused attention)."""
     for node in reversed(graph.nodes):
         if node.op in ("placeholder", "output") or node.users:
             continue
@@ -21,7 +22,7 @@ def eliminate_dead_code(graph: fx.Graph) -> None:
             continue
         if node.op == "call_method" and node.target.endswith("_"):  # in place (FX deems methods pure)
             continue
-        if node.is_impure() and not _unread_write(node):
+        if node.is_impure() and not _unread_write(node) and not unread_exchange(node):
             continue
         graph.erase_node(node)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import TYPE_CHECKING, Any
 
+from ..analysis.collectives import exchanged_bytes
 from .flops import graph_flops
 
 if TYPE_CHECKING:
@@ -84,6 +85,7 @@ def summary(graphs: list[CachedGraph], cache_bytes: int) -> dict[str, Any]:
         "cache_bytes": cache_bytes,
         "computed_fraction": fraction(sum(b["rows"] for b in branches), sum(b["capacity"] for b in branches)),
         "flops_ratio": flops_ratio(graphs),
+        "exchanged_bytes": exchanges(graphs),
         "branches": branches,
         "compile_times": [{"graph": i, **row} for i, g in enumerate(graphs) for row in g.compiler.compile_times()],
     }
@@ -98,6 +100,18 @@ def flops_ratio(graphs: list[CachedGraph]) -> float:
             done += n * flops[variant.key]
             uncached += n * flops.get(UNCACHED, 0)
     return fraction(done, uncached)
+
+
+def exchanges(graphs: list[CachedGraph]) -> dict[str, int]:
+    """Bytes this rank received from the other ranks (context parallelism's collectives) over the calls
+    so far, and as many calls of the captured graphs would have received: 0 and 0 without collectives."""
+    done = uncached = 0
+    for g in graphs:
+        captured = exchanged_bytes(g.gm.graph)
+        for variant, n in plan_calls(g):
+            done += n * exchanged_bytes(g.compiler.graph(variant).graph)
+            uncached += n * captured
+    return {"calls": done, "uncached": uncached}
 
 
 def fraction(num: int, den: int) -> float:
