@@ -20,7 +20,9 @@ as "multiplied". Rank 0 writes JSON and a markdown table under --out.
 
 On CUDA the ranks use NCCL. On the CPU (--tiny) they use gloo: diffusers builds the mesh of the
 machine's accelerator and divides the rank by the accelerator count, which is 0 on a CPU-only host,
-so the ranks pass a device mesh of type "cpu" and see one device while `enable_parallelism` runs.
+so the ranks pass a device mesh of type "cpu" and see one device while `enable_parallelism` runs. For
+an input its plan does not split (Wan's 1-D timestep, on any device) diffusers 0.42.1 calls
+`logger.warning_once`, which its logger lacks: the ranks give it one.
 Dynamo traces diffusers' Ulysses attention into the model's graph only with gradients off (its
 autograd.Function's backward breaks the graph): every run here is under torch.no_grad().
 
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import statistics
@@ -113,7 +116,10 @@ class CountingToCa(ToCaBackend):
 
 
 def parallel(model: torch.nn.Module, world: int, cuda: bool) -> None:
+    import diffusers.hooks.context_parallel as hooks
     from diffusers import ContextParallelConfig
+    if not hasattr(hooks.logger, "warning_once"):  # diffusers 0.42.1 calls it for Wan's 1-D timestep
+        hooks.logger.warning_once = functools.lru_cache(None)(hooks.logger.warning)
     if cuda:
         model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=world))
         return

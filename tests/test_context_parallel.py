@@ -36,6 +36,22 @@ JOIN_TIMEOUT_S = 150  # the whole spawned run; gloo times a stuck collective out
 COLLECTIVE_TIMEOUT_S = 60
 
 
+def _wan() -> torch.nn.Module:
+    import diffusers
+    torch.manual_seed(0)
+    return diffusers.WanTransformer3DModel(
+        num_attention_heads=2, attention_head_dim=16, patch_size=(1, 2, 2), in_channels=4, out_channels=4, text_dim=24,
+        freq_dim=32, ffn_dim=64, num_layers=2, rope_max_seq_len=32).eval()
+
+
+def _wan_calls() -> list[dict]:
+    """2 x 8 x 8 latent patches of 1 x 2 x 2: 32 tokens, 16 per rank; 5 text tokens, not split."""
+    g = torch.Generator().manual_seed(2)
+    x, drift, text = torch.randn(1, 4, 2, 8, 8, generator=g), torch.randn(1, 4, 2, 8, 8, generator=g), torch.randn(1, 5, 24, generator=g)
+    return [dict(hidden_states=x + 0.05 * i * drift, timestep=torch.full((1,), 999.0 - 200 * i),
+                 encoder_hidden_states=text, return_dict=False) for i in range(STEPS)]
+
+
 def _model() -> torch.nn.Module:
     import diffusers
     torch.manual_seed(0)
@@ -45,8 +61,13 @@ def _model() -> torch.nn.Module:
 
 
 def _parallel(model: torch.nn.Module) -> torch.nn.Module:
+    import functools
+
+    import diffusers.hooks.context_parallel as hooks
     from diffusers import ContextParallelConfig
     from torch.distributed.device_mesh import init_device_mesh
+    if not hasattr(hooks.logger, "warning_once"):
+        hooks.logger.warning_once = functools.lru_cache(None)(hooks.logger.warning)
     mesh = init_device_mesh("cpu", (1, WORLD), mesh_dim_names=("ring", "ulysses"))
     with mock.patch.object(torch.accelerator, "device_count", return_value=1):
         model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=WORLD, mesh=mesh))
@@ -114,6 +135,11 @@ def _scenarios(rank: int) -> dict:
     # Each rank its own data (as if seeded apart): the scores, so the chosen tokens, differ by rank.
     outs, backend, _ = _cached(model, _calls(seed=10 + rank), ratio=0.5)
     result["differ"], result["stats_differ"] = outs, backend.stats()
+    wan, calls = _parallel(_wan()), _wan_calls()
+    result["wan"] = {"reference": _run(wan, calls)}
+    result["wan"]["ratio_1"] = _cached(wan, calls, ratio=1.0, self_attn="recompute")[0]
+    backend = _cached(wan, calls, ratio=0.5)[1]
+    result["wan"]["stats_05"], result["wan"]["exchanges_05"] = backend.stats(), _exchanges(backend)
     return result
 
 
@@ -161,7 +187,9 @@ def ranks(tmp_path_factory) -> list[dict]:
     return [torch.load(os.path.join(out, f"rank{r}.pt"), weights_only=False) for r in range(WORLD)]
 
 
-def test_every_token_recomputed_equals_the_uncached_parallel_run(ranks):
+@pytest.mark.parametrize("model", ["flux", "wan"])
+def test_every_token_recomputed_equals_the_uncached_parallel_run(ranks, model):
+    ranks = [r if model == "flux" else r["wan"] for r in ranks]
     for rank, result in enumerate(ranks):
         assert len(result["ratio_1"]) == STEPS
         for step, (got, want) in enumerate(zip(result["ratio_1"], result["reference"])):
@@ -186,7 +214,21 @@ def test_half_ratio_computes_ceil_half_of_each_ranks_tokens(ranks):
     assert ranks[0]["stats_05"]["calls"] == ranks[1]["stats_05"]["calls"] == {"full": 2, "partial": 2}
 
 
-def test_partial_steps_drop_the_exchanges_of_reused_branches(ranks):
+def test_wan_rows_per_rank_and_a_partial_step_exchanging_only_the_output(ranks):
+    """Wan's cross-attention (text not split) and MLP run on ceil(0.5 * 32 / 2) rows per rank; its
+    self-attentions, reused, exchange nothing: a partial step gathers the output and nothing else."""
+    for result in ranks:
+        stats = result["wan"]["stats_05"]
+        rowed = [b for b in stats["branches"] if b["kind"] in ("cross_attn", "mlp")]
+        assert len(rowed) == 4 and all(b["tokens"] == 16 for b in rowed)
+        assert all((b["rows"] - 2 * b["tokens"]) / 2 == math.ceil(0.5 * 32 / WORLD) for b in rowed)
+        (graph,) = result["wan"]["exchanges_05"]
+        assert graph["partial"] == 1 and graph["bytes_partial"] == 1 * 32 // WORLD * 4 * 4 * 4 * (WORLD - 1)
+
+
+@pytest.mark.parametrize("model", ["flux", "wan"])
+def test_partial_steps_drop_the_exchanges_of_reused_branches(ranks, model):
+    ranks = [r if model == "flux" else r["wan"] for r in ranks]
     for result in ranks:
         rows = result["exchanges_05"]
         assert sum(r["in_reused"] for r in rows) > 0  # a reused attention branch holds exchanges
