@@ -59,6 +59,9 @@ WAN_1_3B = dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim
 TINY_FLUX = dict(in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=4,
                  joint_attention_dim=24, pooled_projection_dim=16, guidance_embeds=True, axes_dims_rope=(4, 6, 6))
 
+TINY_WAN = dict(patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=16, in_channels=4, out_channels=4,
+                text_dim=24, freq_dim=32, ffn_dim=64, num_layers=2, rope_max_seq_len=32)
+
 
 def wan_model(**config: Any) -> Callable[[], torch.nn.Module]:
     def build() -> torch.nn.Module:
@@ -78,10 +81,12 @@ def wan_inputs(frames: int, height: int, width: int, channels: int, text_tokens:
 
 
 def models(tiny: bool, wan_steps: int) -> dict[str, dict[str, Any]]:
-    if tiny:  # 8 x 8 image tokens and 8 text tokens: any world size up to 8 splits them evenly
+    if tiny:  # 8 x 8 image tokens and 8 text tokens (FLUX), 2 x 4 x 4 patches (Wan): split evenly up to 8 ranks
+        preset = ("ToCa preset flux", ToCaConfig.preset("flux", num_steps=6))
         return {"flux": dict(name="tiny FLUX", build=flux_model(**TINY_FLUX), steps=6,
-                             inputs=flux_inputs(8, 16, 8, 24, 16),
-                             setting=("ToCa preset flux", ToCaConfig.preset("flux", num_steps=6)))}
+                             inputs=flux_inputs(8, 16, 8, 24, 16), setting=preset),
+                "wan": dict(name="tiny Wan", build=wan_model(**TINY_WAN), steps=6,
+                            inputs=wan_inputs(2, 8, 8, 4, 5, 24), setting=preset)}
     return {
         "flux": dict(name="FLUX.1-dev 1024x1024", build=flux_model(**FLUX_DEV), steps=28,
                      inputs=flux_inputs(64, 64, 512, 4096, 768), setting=FLUX_PRESET),
