@@ -183,7 +183,8 @@ def run_model(spec: dict[str, Any], world: int, device: torch.device, dtype: tor
 
 
 def markdown(rows: list[dict], header: str) -> str:
-    lines = [header, "", "| model | setting | ms / generation | speedup | KiB received / step | rel L2 vs | multiplied |",
+    lines = [header, "",
+             "| model | setting | ms / generation | speedup | KiB received / step | rel L2 vs | multiplied |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
         vs = f"{r['rel_l2_vs'][1]:.2e} ({r['rel_l2_vs'][0]})" if "rel_l2_vs" in r else ""

@@ -47,7 +47,8 @@ def _wan() -> torch.nn.Module:
 def _wan_calls() -> list[dict]:
     """2 x 8 x 8 latent patches of 1 x 2 x 2: 32 tokens, 16 per rank; 5 text tokens, not split."""
     g = torch.Generator().manual_seed(2)
-    x, drift, text = torch.randn(1, 4, 2, 8, 8, generator=g), torch.randn(1, 4, 2, 8, 8, generator=g), torch.randn(1, 5, 24, generator=g)
+    x, drift = torch.randn(1, 4, 2, 8, 8, generator=g), torch.randn(1, 4, 2, 8, 8, generator=g)
+    text = torch.randn(1, 5, 24, generator=g)
     return [dict(hidden_states=x + 0.05 * i * drift, timestep=torch.full((1,), 999.0 - 200 * i),
                  encoder_hidden_states=text, return_dict=False) for i in range(STEPS)]
 

@@ -37,17 +37,18 @@ _OPS = (torch._ops.OpOverload, torch._ops.OpOverloadPacket)  # printed "namespac
 
 @dataclass(frozen=True)
 class Exchange:
-    """One collective: its node, op name, group size and the bytes one rank receives from the others."""
+    """One collective: its node, op name and the bytes one rank receives from the others."""
 
     node: fx.Node
     op: str
-    group_size: int
     nbytes: int
 
 
 def is_collective(node: fx.Node) -> bool:
     """Whether `node` calls a c10d collective (functional or not), its wait included."""
-    return node.op == "call_function" and isinstance(node.target, _OPS) and str(node.target).split(".")[0] in _NAMESPACES
+    if node.op != "call_function" or not isinstance(node.target, _OPS):
+        return False
+    return str(node.target).split(".")[0] in _NAMESPACES
 
 
 def collective_name(node: fx.Node) -> str:
@@ -72,8 +73,7 @@ def exchanges(nodes: Iterable[fx.Node]) -> list[Exchange]:
         if not is_collective(node) or collective_name(node) in _WAITS:
             continue
         op = collective_name(node)
-        size = _group_size(node, op)
-        found.append(Exchange(node, op, size, _received_bytes(node, op, size)))
+        found.append(Exchange(node, op, _received_bytes(node, op, _group_size(node, op))))
     return found
 
 
