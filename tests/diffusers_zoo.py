@@ -314,7 +314,7 @@ CACHED: dict[str, int] = {
     "zimage": 6,
     "cogview4": 6,
     "allegro": 6,
-    "auraflow": 3,
+    "auraflow": 7,
     "cogview3plus": 4,
     "latte": 10,
     "mochi": 3,

@@ -63,7 +63,53 @@ def modulation_stream(t, x):
     return x + mlp(x + slots.mean(dim=1, keepdim=True))
 
 
+def attention(x):
+    q, k, v = (t.unflatten(-1, (2, -1)).transpose(1, 2) for t in F.linear(x, torch.randn(3 * D, D) / 4).chunk(3, -1))
+    return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+
+
+def nested_add(x, c):
+    """The attention output added to the stream only to be normalised for the MLP, whose output is
+    added to the stream itself."""
+    g1, g2 = c.unsqueeze(1).chunk(2, dim=-1)
+    h = F.layer_norm(x + g1 * attention(F.layer_norm(x, (D,))), (D,))
+    return x + g2 * mlp(h)
+
+
+def position_added_after_a_block(x, pos):
+    x = x + pos
+    x = x + mlp(x)
+    return pos + x  # adds pos onto a residual sum: no branch of its own
+
+
+def text_rows_rotated_in_place(x, txt, rope):
+    """Joint attention over [text, image] written into the stream's rows of the joint queries; seen from
+    the text stream, the rotary acts on the other stream's (image) rows alone."""
+    joint = torch.cat([F.layer_norm(txt, (D,)), F.layer_norm(x, (D,))], dim=1)
+    q, k, v = (F.linear(joint, w).unflatten(-1, (2, -1)).transpose(1, 2) for w in (W, W.T, 2 * W))
+    q[:, :, txt.shape[1]:] = q[:, :, txt.shape[1]:] * rope
+    out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+    return x + out[:, txt.shape[1]:], txt + out[:, : txt.shape[1]]
+
+
 class TestFindBranches(TestCase):
+    def test_branch_past_an_inner_residual_add(self):
+        self.assertExpectedInline(summary(analyse(nested_add, torch.randn(B, N, D), torch.randn(B, 2 * D))), """\
+self_attn: out=flatten gate=getitem tokens=8 nodes=15 modes=fill,rows,reuse,compute
+mlp: out=linear gate=getitem tokens=8 nodes=5 modes=fill,rows,reuse,compute""")
+
+    def test_add_onto_a_residual_sum_is_no_branch(self):
+        self.assertExpectedInline(summary(analyse(position_added_after_a_block, torch.randn(B, N, D), torch.randn(B, N, D))), """\
+mlp: out=linear gate=None tokens=8 nodes=4 modes=fill,rows,reuse,compute
+rejected: adds l_pos_ to the sum of another residual add (x_1), not to a branch of its own (by design)""")
+
+    def test_text_side_computing_on_image_rows_is_the_joint_attention_smaller_side(self):
+        inputs = torch.randn(B, N, D), torch.randn(B, 3, D), torch.randn(1, 1, N, D // 2)
+        self.assertExpectedInline(summary(analyse(text_rows_rotated_in_place, *inputs)), """\
+joint_attn: out=getitem gate=None tokens=8 nodes=18 modes=fill,rows,reuse,compute
+rejected: computed jointly with getitem_1 (8 tokens), whose rows are cached; these 3 tokens are recomputed every step (by design)""")
+
+
     def test_gated_branch_is_cut_before_its_gate(self):
         self.assertExpectedInline(summary(analyse(gated, torch.randn(B, N, D), torch.randn(B, D))), """mlp: out=linear gate=unsqueeze tokens=8 nodes=7 modes=fill,rows,reuse,compute""")
 

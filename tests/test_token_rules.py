@@ -74,6 +74,27 @@ def rotary_written_into_a_slice(x):
     return q
 
 
+T = 3  # the stream's last T rows: another part (text), sliced off inside the branch and joined again
+ROPE = torch.randn(2, 1, N - T, 1, D // H)  # per-token tables of the first part
+W_OUT = torch.randn(D, 2 * D) / 4
+
+
+def sliced_and_joined(x):
+    """A joint stream cut into its parts inside the branch: rotary on the first part's queries and keys,
+    one attention over both parts, the parts' outputs joined again beside a parallel MLP."""
+    h = F.layer_norm(x, (D,))
+    img, txt = h[:, :-T], h[:, -T:]
+
+    def project(w):
+        head = F.linear(img, w).unflatten(-1, (H, -1))
+        rotated = head * ROPE[0] + head.sin() * ROPE[1]
+        return torch.cat([rotated, F.linear(txt, w).unflatten(-1, (H, -1))], dim=1).transpose(1, 2)
+
+    out = F.scaled_dot_product_attention(project(W), project(W.T), project(W * 2)).transpose(1, 2).flatten(2)
+    out = torch.cat([out[:, :-T], F.gelu(out[:, -T:])], dim=1)
+    return F.linear(torch.cat([out, F.gelu(F.linear(h, W))], dim=2), W_OUT)
+
+
 def write_into_the_stream(x):
     h = x.view(B, N, D)
     h[:, :, :2] = 0
@@ -112,7 +133,7 @@ def einsum_summing_tokens(x):
 TOKEN_LOCAL = {  # branch -> its kind
     type_as: "mlp", to_dtype_of: "mlp", complex_rotary: "mlp", movedim_qkv: "self_attn",
     einsum_attention: "self_attn", grouped_query_attention: "self_attn", rotary_written_in_place: "mlp",
-    rotary_written_into_a_slice: "mlp",
+    rotary_written_into_a_slice: "mlp", sliced_and_joined: "joint_attn",
 }
 NOT_TOKEN_LOCAL = {  # branch -> words of the reason
     write_into_the_stream: "alias", tokens_mixed_by_linear: "token axis", repeat_along_tokens: "repeats along",
@@ -153,6 +174,29 @@ def test_rotary_written_in_place_computes_chosen_rows_exactly():
     torch.testing.assert_close(partial, full, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(full, x + rotary_written_in_place(x), rtol=1e-6, atol=1e-6)
     assert backend.stats()["computed_fraction"] < 1.0
+
+
+def test_sliced_stream_chooses_rows_of_its_largest_part():
+    """The parts that slices cut the stream into: the largest part's rows are chosen, the other part
+    is recomputed whole. A partial step on a changed input: the other part's rows and k of the first
+    part's rows are exact, every other row is the cached one."""
+    from toca_fx import ToCaBackend, ToCaConfig
+
+    (found,) = analyse(sliced_and_joined).branches
+    assert found.tokens == N - T and found.out_axes.extra == T
+    torch._dynamo.reset()
+    config = ToCaConfig(interval=2, ratio=0.5, num_steps=2, inner="eager", timestep_clock=False, self_attn="recompute")
+    backend = ToCaBackend(config)
+    fast = torch.compile(lambda x: x + sliced_and_joined(x), backend=backend, dynamic=False)
+    x, x2 = torch.randn(B, N, D), torch.randn(B, N, D)
+    with torch.no_grad():
+        fast(x)
+        partial = fast(x2)
+        fresh, stale = x2 + sliced_and_joined(x2), x2 + sliced_and_joined(x)
+    rows_fresh = torch.isclose(partial, fresh, rtol=1e-5, atol=1e-5).all(-1).all(0)
+    rows_stale = torch.isclose(partial, stale, rtol=1e-5, atol=1e-5).all(-1).all(0)
+    assert rows_fresh[N - T:].all(), "the other part is recomputed whole"
+    assert int(rows_fresh[: N - T].sum()) == 3 and (rows_fresh | rows_stale)[: N - T].all()  # k = ceil(0.5 * 5)
 
 
 class TestRotarySnapshot(TestCase):

@@ -10,7 +10,13 @@ Joint attention (MMDiT, FLUX, CogVideoX) concatenates the stream with the tokens
 (text) along the token axis. Such a tensor's `tok` axis holds the stream's rows at [start, start + N)
 and `extra` rows of the other stream around them; the rewrite keeps those rows whole. A slice or split
 that keeps only other-stream rows yields `Passengers`: rows that depend on the stream only through
-attention keys/values, so a computation on the chosen rows yields them unchanged.
+attention keys/values, so a computation on the chosen rows yields them unchanged, as does any op on
+them alone.
+
+A stream may itself hold parts computed differently (a joint stream sliced into its image and text
+rows inside the branch, each part processed alone and the parts joined again): where the slices
+partition its rows, its largest part is the stream's tokens (`TokenFlow.tokens`, at `Axes.start`) and
+the other parts are `extra` rows, recomputed whole on every step like another stream's.
 """
 from __future__ import annotations
 
@@ -51,11 +57,19 @@ class NotTokenLocal(Exception):
     """The branch contains an op that the pass cannot prove to act token by token."""
 
 
+class TokenCut(NotTokenLocal):
+    """A slice or split cuts the stream's rows at `cuts` (positions among its N rows, 0 < cut < N)."""
+
+    def __init__(self, message: str, cuts: tuple[int, ...]):
+        super().__init__(message)
+        self.cuts = cuts
+
+
 @dataclass
 class TokenFlow:
     """What propagation learnt about one branch."""
 
-    tokens: int = 0  # N, the stream's token count
+    tokens: int = 0  # N, the stream's token count (its rows that can be chosen)
     info: dict[fx.Node, Info] = field(default_factory=dict)
     # Inputs that an attention op consumes over all tokens (keys, values): node -> those inputs.
     full_inputs: dict[fx.Node, tuple[fx.Node, ...]] = field(default_factory=dict)

@@ -13,6 +13,9 @@ propagation cannot prove token-local is still a `Branch` when it is closed (noth
 intermediates): its output can be cached and added whole (`Branch.modes` lacks "rows"), with the reason
 kept in `Branch.whole_only`.
 
+A branch may read the stream through another branch's residual add (`x + g2 * mlp(norm(x + g1 * attn(x)))`,
+the inner sum not carried on as the stream): it is then a branch of that sum.
+
 Joint attention: the image and text streams are two residual streams whose branches share one
 attention over both. Each side is a valid branch alone (the other's rows ride along whole); as both
 cannot be gathered at once, the side with more tokens is cached and the other recomputed every step.
@@ -25,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
-from .axes import Axes, NotTokenLocal, Passengers, TokenFlow
+from .axes import Axes, NotTokenLocal, Passengers, TokenCut, TokenFlow
 from .collectives import restrict
 from .graphs import ancestors, depends, op_name, positions, readable_name, shape, value
 from .tokens import follow, propagate
@@ -57,7 +60,8 @@ class Branch:
 
     @property
     def tokens(self) -> int:
-        return shape(self.stream)[1]
+        """The stream's rows that partial steps choose from (all of them unless it has other parts)."""
+        return self.flow.tokens
 
     @property
     def attends_tokens(self) -> bool:
@@ -105,6 +109,12 @@ def find_branches(graph: fx.Graph) -> Analysis:
                 result.rejected.append(Rejection(readable_name(node), str(err)))
             else:
                 candidates.append(whole)
+    adds = {c.add for c in candidates}
+    for c in [c for c in candidates if c.out in adds]:  # e.g. a position embedding added after a block
+        why = f"adds {c.stream.name} to the sum of another residual add ({c.out.name}), not to a branch of its own"
+        result.rejected.append(Rejection(c.name, why, by_design=True))
+        candidates.remove(c)
+    candidates = [_past_inner_add(c, adds, order) for c in candidates]
     for branch in candidates:
         rival = _larger_sharer(branch, candidates)
         if rival is not None:
@@ -160,10 +170,10 @@ def _latent_inputs(graph: fx.Graph) -> set[fx.Node]:
 def _make_branch(add: fx.Node, stream: fx.Node, addend: fx.Node, order: dict[fx.Node, int]) -> Branch:
     out, gate = _peel_gate(addend, stream, order)
     nodes = _between(stream, out, order)
-    flow = propagate(nodes, stream)
+    flow = _propagate_parts(nodes, stream)
     _check_closed(nodes, {addend, add}, flow)
-    info = flow.info[out]
-    if not isinstance(info, Axes) or info.key is not None or info.extra:
+    info, own = flow.info[out], flow.info[stream]
+    if not isinstance(info, Axes) or info.key is not None or (info.start, info.extra) != (own.start, own.extra):
         raise NotTokenLocal(f"branch output {out.name} does not carry the tokens alone")
     named = out
     while (named.target is operator.getitem or op_name(named) in _CASTS) and named.args[0] in flow.info:
@@ -171,6 +181,25 @@ def _make_branch(add: fx.Node, stream: fx.Node, addend: fx.Node, order: dict[fx.
     branch = Branch(add, stream, out, gate, nodes, flow, name=readable_name(out, named))
     branch.kind = _classify(branch)
     return branch
+
+
+_MAX_PARTS = 4  # parts of a stream that slices cut it into, beyond which the branch is cached whole
+
+
+def _propagate_parts(nodes: list[fx.Node], stream: fx.Node) -> TokenFlow:
+    """The branch's token flow; where slices cut the stream's rows, again with the stream's largest
+    part as its tokens and the other parts as rows recomputed whole (`Axes.extra`), until no slice
+    cuts that part."""
+    n, cuts = shape(stream)[1], set()
+    while True:  # each cut is new (strictly inside the part): the parts grow until _MAX_PARTS
+        bounds = sorted({0, n, *cuts})
+        lo, hi = max(zip(bounds, bounds[1:]), key=lambda part: part[1] - part[0])
+        try:
+            return propagate(nodes, stream, Axes(1, start=lo, extra=n - (hi - lo)), hi - lo)
+        except TokenCut as err:
+            if len(bounds) > _MAX_PARTS:
+                raise
+            cuts |= {lo + c for c in err.cuts}
 
 
 def _whole_branch(add: fx.Node, stream: fx.Node, addend: fx.Node, order: dict[fx.Node, int], why: str) -> Branch | None:
@@ -189,6 +218,21 @@ def _whole_branch(add: fx.Node, stream: fx.Node, addend: fx.Node, order: dict[fx
     branch = Branch(add, stream, out, gate, nodes, flow, name=readable_name(out), whole_only=why)
     branch.kind = _whole_kind(branch, order)
     return branch
+
+
+def _past_inner_add(branch: Branch, adds: set[fx.Node], order: dict[fx.Node, int]) -> Branch:
+    """A branch that contains another branch's residual add (an attention output added to the stream
+    only to be normalised for the MLP, whose output is then added to the stream itself) reads the
+    stream through that add: made again from its last inner add, it shares no node with the inner
+    branch, so both are cached. As it was, it would lose to the inner branch (`_larger_sharer`)."""
+    inner = [n for n in branch.nodes if n in adds and n is not branch.out]
+    if not inner:
+        return branch
+    _, addend = _residual_operands(branch.add, order)
+    try:
+        return _make_branch(branch.add, inner[-1], addend, order)
+    except NotTokenLocal as err:
+        return _whole_branch(branch.add, inner[-1], addend, order, str(err)) or branch
 
 
 def _peel_gate(addend: fx.Node, stream: fx.Node, order: dict[fx.Node, int]) -> tuple[fx.Node, fx.Node | None]:

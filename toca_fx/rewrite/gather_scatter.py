@@ -10,8 +10,9 @@ a node whose rows are wanted asks its inputs for rows, except at attention, whos
 wanted for all tokens (or, with `cached_kv`, as a cache updated with the chosen rows). A node wanted
 both ways runs on all tokens and its rows are gathered from the result.
 
-Joint attention: along a token axis that also holds another stream's rows (`Axes.extra`), those rows
-are kept whole and only the stream's rows are gathered, so the other stream's outputs read off the
+Joint attention: along a token axis that also holds another stream's rows (`Axes.extra`), or the
+stream's own parts other than its tokens, those rows are kept whole and only the stream's rows are
+gathered (the cache's rows too), so the other stream's outputs read off the
 gathered computation (`passenger_outputs`) are exact; they are rewired to it. New nodes go before the
 first output (branch output or passenger output) that comes after the node they copy.
 """
@@ -25,7 +26,7 @@ import torch
 import torch.fx as fx
 
 from ..analysis.residual import Branch
-from ..analysis.axes import Axes
+from ..analysis.axes import Axes, Passengers
 from ..analysis.graphs import op_name, positions, shape
 from ..analysis.rules import index_items
 from ..ops.cache import gather_rows, joint_rows, scatter_rows
@@ -64,11 +65,30 @@ def gather_branch(
     if cache is not None:
         with graph.inserting_before(branch.out):
             rows = rewrite.rows_of(branch.out)
-            updated = graph.call_function(scatter_rows, (cache, branch.out_axes.tok, idx, rows))
+            updated = graph.call_function(scatter_rows, (cache, branch.out_axes.tok, rewrite.index(branch.out_axes), rows))
     for node in passengers:
         if node in rewrite.rows:
             node.replace_all_uses_with(rewrite.rows[node])
     return updated
+
+
+def own_rows(graph: fx.Graph, branch: Branch) -> fx.Node:
+    """The stream's rows that partial steps choose from (what scores read): the stream itself unless it
+    has other parts (`Axes.extra`). Insert where the stream is read."""
+    axes = branch.flow.info[branch.stream]
+    if not axes.extra:
+        return branch.stream
+    rows = (slice(None), slice(axes.start, axes.start + branch.tokens))
+    return graph.call_function(operator.getitem, (branch.stream, rows))
+
+
+def cache_rows(graph: fx.Graph, branch: Branch, idx: fx.Node) -> fx.Node:
+    """Where the rows computed for tokens `idx` lie in the branch output (and its cache): with other
+    parts of the stream, those parts' rows too. Insert where `idx` is known."""
+    axes, n = branch.out_axes, branch.tokens
+    if not axes.extra:
+        return idx
+    return graph.call_function(joint_rows, (idx, axes.start, n, n + axes.extra))
 
 
 def insertion_point(branch: Branch) -> fx.Node:
@@ -169,6 +189,8 @@ class _Rows:
         return a
 
     def _copy(self, node: fx.Node) -> fx.Node:
+        if _passengers(self.flow.info.get(node)):  # other-stream rows, whole: read the copies of its inputs
+            return self.graph.node_copy(node, lambda a: self.rows.get(a, a))
         full_args = set(self.flow.full_inputs.get(node, ())) | set(self.flow.context_kv)
         source = node.args[0] if node.args else None
         source_axes = self.flow.info.get(source) if isinstance(source, fx.Node) else None
@@ -206,6 +228,10 @@ class _Rows:
             bounds.append(bounds[-1] + int(value.shape[_dim(node)]))
         moved = [axes.rows_pos(b, n, self.k) for b in bounds]
         return [hi - lo for lo, hi in zip(moved, moved[1:])]
+
+
+def _passengers(info: object) -> bool:
+    return isinstance(info, Passengers) or (isinstance(info, tuple) and all(isinstance(i, Passengers) for i in info))
 
 
 def _dim(node: fx.Node) -> int:

@@ -34,7 +34,7 @@ from ..ops.scores import DEFAULT_WEIGHTS, refresh_scores, select_batch, select_t
 from ..policies.plan import BranchPlan, Mode
 from .columns import narrow_dead_columns
 from .dead_code import eliminate_dead_code
-from .gather_scatter import gather_branch, insertion_point
+from .gather_scatter import cache_rows, gather_branch, insertion_point, own_rows
 from .layout import Slots, add_placeholders, batched, kv_nodes
 from .projections import split_projections
 from .score_maps import fill_maps, readers, token_grid
@@ -90,13 +90,15 @@ def _apply(
     taylor = (clock, slots.taylor, slots.cache, slots.factors)
     if plan.mode == Mode.FILL:
         fill_maps(graph, branch, slots.attention, slots.entropy, queries)
+        with graph.inserting_before(branch.out):
+            scored = own_rows(graph, branch)
         with graph.inserting_after(branch.out):
             if slots.taylor is None:
                 graph.call_function(store, (slots.cache, branch.out))
             else:
                 graph.call_function(taylor_fill, (*taylor, branch.out))
             if slots.staleness is not None:
-                args = (branch.stream, slots.staleness) + ((slots.ref_norm,) if slots.ref_norm is not None else ())
+                args = (scored, slots.staleness) + ((slots.ref_norm,) if slots.ref_norm is not None else ())
                 graph.call_function(refresh_scores, args)
             for node, slot in slots.kv.items():
                 graph.call_function(store, (slot, node))
@@ -110,14 +112,16 @@ def _apply(
         return
     if idx is None:
         with graph.inserting_before(insertion_point(branch)):
-            args = (branch.stream, slots.staleness, slots.ref_norm, plan.k, *score_args)
+            args = (own_rows(graph, branch), slots.staleness, slots.ref_norm, plan.k, *score_args)
             idx = graph.call_function(select_tokens, args)
     if plan.mode == Mode.ROWS:
         branch.out.replace_all_uses_with(gather_branch(graph, branch, idx, plan.k, slots.cache, slots.kv))
         return
     updated = gather_branch(graph, branch, idx, plan.k, _forecast(graph, branch, taylor), slots.kv)
+    with graph.inserting_before(updated):
+        rows = cache_rows(graph, branch, idx)
     with graph.inserting_after(updated):
-        graph.call_function(taylor_refresh_rows, (*taylor, branch.out_axes.tok, idx, updated))
+        graph.call_function(taylor_refresh_rows, (*taylor, branch.out_axes.tok, rows, updated))
     branch.out.replace_all_uses_with(updated)
 
 

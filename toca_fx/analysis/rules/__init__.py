@@ -17,7 +17,7 @@ from .compute import (_dtype_from, _fresh_like, _layer_norm, _linear, _reduce, _
 from .indexing import _getitem, _setitem, index_items, index_slot
 from .layout import _cat, _expand, _movedim, _repeat, _permute, _reshape_like, _split, _transpose, _unbind
 
-__all__ = ["POINTWISE", "RULES", "index_items", "index_slot", "pointwise"]
+__all__ = ["JOINS", "POINTWISE", "RULES", "index_items", "index_slot", "pointwise"]
 
 POINTWISE = frozenset(
     """add sub mul truediv div floordiv neg pow exp log sqrt rsqrt tanh sigmoid silu gelu relu
@@ -25,6 +25,9 @@ POINTWISE = frozenset(
     where masked_fill leaky_relu softplus erf rsub iadd imul isub itruediv square reciprocal mish
     hardswish hardtanh elu selu detach lerp addcmul sign size dim""".split()
 )
+
+# Ops whose rule places other-stream rows (`Passengers`) beside the stream's along the token axis.
+JOINS = frozenset({"cat", "concat", "setitem"})
 
 RULES: dict[str, Callable[[fx.Node, TokenFlow], Info]] = {
     "linear": _linear,

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch.fx as fx
 
-from ..axes import Axes, Info, NotTokenLocal, Passengers, TokenFlow
+from ..axes import Axes, Info, NotTokenLocal, Passengers, TokenCut, TokenFlow
 from ..graphs import op_name, shape
 
 
@@ -85,7 +85,8 @@ def sub_range(node: fx.Node, axes: Axes, lo: int, hi: int, flow: TokenFlow) -> I
         return replace(axes, start=first - lo, extra=hi - lo - flow.tokens)
     if hi <= first or last <= lo:
         return Passengers(axes.tok)
-    raise NotTokenLocal(f"'{op_name(node)}' ({node.name}) cuts through the token axis")
+    cuts = tuple(c - first for c in (lo, hi) if first < c < last)
+    raise TokenCut(f"'{op_name(node)}' ({node.name}) cuts through the token axis", cuts)
 
 
 def reshape_axis(src: tuple[int, ...], dst: tuple[int, ...], axis: int, node: fx.Node) -> int:

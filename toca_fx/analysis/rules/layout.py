@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import torch.fx as fx
 
-from ..axes import Axes, Info, NotTokenLocal, TokenFlow
+from ..axes import Axes, Info, NotTokenLocal, Passengers, TokenFlow
 from ..graphs import op_name, shape
 from .common import arg, check_external, info_of, norm_dim, only_token_input, require_untouched, reshape_axis, sub_range
 
@@ -89,14 +89,19 @@ def _unbind(node: fx.Node, flow: TokenFlow) -> Info:
 
 
 def _cat(node: fx.Node, flow: TokenFlow) -> Info:
+    """Joins: along other axes, the other tensors are indexed by token like the stream; along the token
+    axis, the stream's rows (one input) among rows of other tensors or other parts (`Passengers`)."""
     tensors = list(arg(node, 0, "tensors"))
     infos = [info_of(flow, t) for t in tensors]
-    kinds = {i for i in infos if i is not None}
+    stack = op_name(node) == "stack"
+    dim = norm_dim(arg(node, 1, "dim", 0), len(shape(tensors[0])) + stack)
+    passengers = [i for i in infos if isinstance(i, Passengers)]
+    if any(p.tok != dim for p in passengers):
+        raise NotTokenLocal(f"'{op_name(node)}' ({node.name}) joins other-stream rows across the token axis")
+    kinds = {i for i in infos if i is not None and not isinstance(i, Passengers)}
     axes = kinds.pop() if len(kinds) == 1 else None
     if not isinstance(axes, Axes):
         raise NotTokenLocal(f"'{op_name(node)}' ({node.name}) joins tensors with different token axes")
-    stack = op_name(node) == "stack"
-    dim = norm_dim(arg(node, 1, "dim", 0), len(shape(tensors[0])) + stack)
     if stack:
         if None in infos:
             raise NotTokenLocal(f"'stack' ({node.name}) joins token and non-token tensors")
@@ -108,8 +113,8 @@ def _cat(node: fx.Node, flow: TokenFlow) -> Info:
             if info is None:
                 check_external(node, t, axes, len(shape(node)), flow)
         return axes
-    if len(infos) - infos.count(None) > 1:
+    if sum(isinstance(i, Axes) for i in infos) > 1:
         raise NotTokenLocal(f"'{op_name(node)}' ({node.name}) concatenates the tokens with themselves")
-    position = next(i for i, info in enumerate(infos) if info is not None)
+    position = next(i for i, info in enumerate(infos) if isinstance(info, Axes))
     before = sum(shape(t)[dim] for t in tensors[:position])
     return replace(axes, start=before + axes.start, extra=shape(node)[dim] - flow.tokens)
