@@ -10,7 +10,10 @@ hybrid (the same, every token not recomputed forecast at order 1); and as many D
 schedule has full steps. FLOP ratios are counted from the rewritten graphs (`backend.stats()`, run
 eagerly); every setting samples from the same noise. Metrics and their 95% bootstrap intervals as in
 quality_curve.py; each forecasting row is compared with its reuse pair, and with the other reuse
-family, by paired differences. Writes forecast_quality_<model>.json and .md after each setting.
+family, by paired differences. Writes forecast_quality_<model>.json and .md after each setting, and the
+per-sample records (forecast_quality_<model>_records.pt). The Frechet distance's bootstrap costs a
+matrix square root per resample: --fd-resamples 0 gives its point estimates only, and --records
+recomputes the tables from saved records (e.g. on another machine, with more resamples).
 """
 from __future__ import annotations
 
@@ -23,8 +26,10 @@ import torch
 
 from benchmarks.quality_curve import _ci, _commit, _diff
 from toca_fx import FORAPolicy, ToCaBackend, ToCaConfig
-from toca_fx.eval.quality import (MODELS, compare, eval_labels, load_quality_model, record, sample_in_chunks,
-                                  shared_noise, summarize)
+from toca_fx.eval.intervals import (frechet_interval, frechet_to, mean_interval, paired_frechet_difference,
+                                    paired_mean_difference)
+from toca_fx.eval.quality import (MODELS, PAIRED_METRICS, eval_labels, load_quality_model, record, sample_in_chunks,
+                                  shared_noise)
 
 
 def settings(args: argparse.Namespace) -> list[tuple[str, str, ToCaConfig | int]]:
@@ -57,7 +62,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--toca", type=int, default=5, help="ToCa's and the hybrid's interval")
     p.add_argument("--ratio", type=float, default=0.1, help="ToCa's and the hybrid's ratio")
     p.add_argument("--chunk", type=int, default=500)
-    p.add_argument("--resamples", type=int, default=1000)
+    p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples of the per-sample metrics")
+    p.add_argument("--fd-resamples", type=int, default=1000, help="of the Frechet distance (0: point estimates)")
+    p.add_argument("--records", type=Path, default=None, help="a run's _records.pt: tables from it, nothing sampled")
     p.add_argument("--cfg", type=float, default=1.5)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", type=Path, default=Path("benchmark-results"))
@@ -66,6 +73,9 @@ def main(argv: list[str] | None = None) -> dict:
         args.samples, args.steps, args.chunk, args.resamples, args.fora, args.toca = 8, 4, 8, 20, 2, 2
     torch.set_float32_matmul_precision("high")
     qm = load_quality_model(args.model, args.device, tiny=args.tiny)
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.records is not None:
+        return _from_records(args, torch.load(args.records, weights_only=False), qm.classifier)
     labels, noise = eval_labels(args.samples, qm.num_classes), shared_noise(args.samples, qm.shape)
 
     def go(fn, steps: int = args.steps) -> torch.Tensor:
@@ -73,14 +83,12 @@ def main(argv: list[str] | None = None) -> dict:
 
     base = go(qm.model)
     records = {"uncached": record(base, base, labels, qm.classifier)}
-    rows = [_row("uncached", "uncached", 1.0, summarize(records["uncached"], qm.classifier, args.resamples))]
-    args.out.mkdir(parents=True, exist_ok=True)
+    ratios = {"uncached": ("uncached", 1.0)}
     meta = {"model": args.model, "samples": args.samples, "steps": args.steps, "guidance": args.cfg,
-            "resamples": args.resamples, "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
+            "resamples": args.resamples, "date": time.strftime("%Y-%m-%d"), "torch": str(torch.__version__),
             "device": torch.cuda.get_device_name() if str(args.device).startswith("cuda") else "cpu",
             "commit": _commit()}
-    chosen = settings(args)
-    for name, family, what in chosen:
+    for name, family, what in settings(args):
         begin = time.time()
         if isinstance(what, int):
             images, ratio = go(qm.model, what), what / args.steps
@@ -88,23 +96,42 @@ def main(argv: list[str] | None = None) -> dict:
             torch._dynamo.reset()
             backend = ToCaBackend(what)
             images, ratio = go(torch.compile(qm.model, backend=backend, dynamic=False)), backend.stats()["flops_ratio"]
-        records[name] = record(images, base, labels, qm.classifier)
-        rows.append(_row(name, family, ratio, summarize(records[name], qm.classifier, args.resamples)))
-        print(f"{name}: {1 / ratio:.2f}x, FD {rows[-1]['frechet'][0]:.1f}, PSNR {rows[-1]['psnr'][0]:.2f}, "
-              f"{time.time() - begin:.1f}s", flush=True)
+        records[name], ratios[name] = record(images, base, labels, qm.classifier), (family, ratio)
+        print(f"{name}: {1 / ratio:.2f}x, {time.time() - begin:.1f}s", flush=True)
+        saved = {"meta": meta, "ratios": ratios, "records": records}
+        torch.save(saved, args.out / f"forecast_quality_{args.model}_records.pt")
+    return _from_records(args, saved, qm.classifier)
+
+
+def _from_records(args, saved: dict, classifier) -> dict:
+    """The rows and the paired comparisons of a run's records, with this run's resamples."""
+    meta, ratios, records = saved["meta"], saved["ratios"], saved["records"]
+    meta = {**meta, "resamples": args.resamples, "fd_resamples": args.fd_resamples}
+    mu, cov = classifier.ref_mu.cpu(), classifier.ref_cov.cpu()
+    rows = []
+    for name, (family, ratio) in ratios.items():
+        rec = records[name]
+        summary = {m: mean_interval(_metric(rec, m), args.resamples) for m in PAIRED_METRICS}
+        summary["frechet"] = (frechet_interval(rec["features"], mu, cov, args.fd_resamples) if args.fd_resamples
+                              else (frechet_to(rec["features"], mu, cov),) * 3)
+        rows.append({"setting": name, "family": family, "flops_ratio": ratio, "speedup": 1 / ratio,
+                     **{k: list(v) for k, v in summary.items()}})
         _write(args, meta, rows, [])
     comparisons = []
-    for a, b in _pairs([c[0] for c in chosen]):
-        diff = compare(records[a], records[b], qm.classifier, args.resamples)
+    for a, b in _pairs(list(ratios)[1:]):
+        diff = {m: paired_mean_difference(_metric(records[a], m), _metric(records[b], m), args.resamples)
+                for m in PAIRED_METRICS}
+        if args.fd_resamples:
+            diff["frechet"] = paired_frechet_difference(records[a]["features"], records[b]["features"], mu, cov,
+                                                        args.fd_resamples)
         comparisons.append({"a": a, "b": b, **{k: list(v) for k, v in diff.items()}})
         _write(args, meta, rows, comparisons)
     print(_table(meta, rows, comparisons))
     return {"meta": meta, "rows": rows, "comparisons": comparisons}
 
 
-def _row(name: str, family: str, ratio: float, summary: dict) -> dict:
-    return {"setting": name, "family": family, "flops_ratio": ratio, "speedup": 1 / ratio,
-            **{k: list(v) for k, v in summary.items()}}
+def _metric(rec: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+    return rec["correct" if name == "accuracy" else name]
 
 
 def _write(args, meta: dict, rows: list[dict], comparisons: list[dict]) -> None:
@@ -119,7 +146,7 @@ def _table(meta: dict, rows: list[dict], comparisons: list[dict]) -> str:
     base_fd = rows[0]["frechet"][0]
     lines = [f"{m['model']}: {m['samples']} samples, {m['steps']} DDIM steps, guidance {m['guidance']}, seed 0; "
              f"{m['date']}, {m['device']}, torch {m['torch']}, commit {m['commit']}; 95% bootstrap intervals "
-             f"({m['resamples']} resamples)", "",
+             f"({m['resamples']} resamples, {m['fd_resamples']} of the Frechet distance)", "",
              "| setting | theoretical speedup | accuracy | Frechet distance | FD / uncached | PSNR vs uncached (dB) | rel L2 |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -128,7 +155,8 @@ def _table(meta: dict, rows: list[dict], comparisons: list[dict]) -> str:
                      f"{r['frechet'][0] / base_fd:.3f} | " + " | ".join(paired) + " |")
     lines += ["", "| a - b | accuracy | Frechet distance | PSNR (dB) | rel L2 |", "|---|---|---|---|---|"]
     for c in comparisons:
-        lines.append(f"| {c['a']} - {c['b']} | {_diff(c['accuracy'], '.3f')} | {_diff(c['frechet'], '.1f')} | "
+        fd = _diff(c["frechet"], ".1f") if "frechet" in c else "-"
+        lines.append(f"| {c['a']} - {c['b']} | {_diff(c['accuracy'], '.3f')} | {fd} | "
                      f"{_diff(c['psnr'], '.2f')} | {_diff(c['rel_l2'], '.4f')} |")
     return "\n".join(lines)
 
