@@ -237,3 +237,99 @@ def test_router_and_fora_forecast_what_they_would_reuse():
     assert FORAPolicy(2, forecast=True).plans(1, 4, branches) == {0: BranchPlan(Mode.FORECAST), 1: BranchPlan(Mode.FORECAST)}
     with pytest.raises(ValueError, match=r"ToCaConfig\.forecast_order must be"):
         ToCaConfig(policy=router, num_steps=2)
+
+
+def _hooked_reference(model, inputs, full, order, forecast_only=None):
+    """diffusers' FLUX with TaylorSeer's features forecast by forward hooks (as its FLUX code does): the
+    double blocks' image and text attention outputs and both MLPs', the single blocks' fused output;
+    with `forecast_only`, only that feature's (the others computed on every step)."""
+    taylors = {}
+
+    def hook(key, pick):
+        def replace(module, args, out):
+            values = out if isinstance(out, tuple) else (out,)
+            kept = []
+            for j, v in enumerate(values):
+                t = taylors.setdefault((key, j), _Taylor(order))
+                compute = full(step[0]) or (forecast_only is not None and key != forecast_only)
+                kept.append(t.fill(step[0], v) if compute else t.forecast(step[0]))
+            return tuple(kept) if isinstance(out, tuple) else kept[0]
+        return pick.register_forward_hook(replace)
+
+    step = [0]
+    handles = []
+    for i, blk in enumerate(model.transformer_blocks):
+        handles += [hook(("attn", i), blk.attn), hook(("ff", i), blk.ff), hook(("ff_context", i), blk.ff_context)]
+    handles += [hook(("single", i), blk.proj_out) for i, blk in enumerate(model.single_transformer_blocks)]
+    outs = []
+    try:
+        for s, kwargs in enumerate(inputs):
+            step[0] = s
+            outs.append(model(**kwargs)[0])
+    finally:
+        for h in handles:
+            h.remove()
+    return outs
+
+
+def test_flux_forecasts_the_text_side_of_joint_attention_too():
+    """The text side of a double block's joint attention is its image side's companion: forecast with it
+    (TaylorSeer's FLUX code forecasts both), so a forecast step runs no attention at all."""
+    from tests.diffusers_zoo import build, loop_inputs
+
+    model, steps = build("flux"), 8
+    inputs = loop_inputs("flux", steps)
+    config = ToCaConfig(policy=TaylorSeerPolicy(3, first_full=2), forecast_order=1, forecast_dtype=torch.float32,
+                        num_steps=steps, inner="eager")
+    backend = ToCaBackend(config)
+    fast = torch.compile(model, backend=backend, dynamic=False)
+    with torch.no_grad():
+        cached = [fast(**kwargs)[0] for kwargs in inputs]
+        reference = _hooked_reference(model, inputs, _full_taylorseer(3, 2), 1)
+    for step, (a, b) in enumerate(zip(cached, reference)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=f"step {step}")
+    from toca_fx.rewrite.variants import build_variant
+
+    graph = backend.graphs[0]
+    forecast = {b.index: BranchPlan(Mode.FORECAST) for b in graph.analysis.branches}
+    partial = build_variant(graph.gm, forecast, config).gm
+    targets = {n.target for n in partial.graph.nodes if n.op == "call_function"}
+    assert torch.nn.functional.scaled_dot_product_attention not in targets and "b0_cache_c0" in {
+        s.name for s in graph.layout}
+    reuse = build_variant(graph.gm, {i: BranchPlan(Mode.REUSE) for i in forecast}, config).gm  # ToCa: text side recomputed
+    assert torch.nn.functional.scaled_dot_product_attention in {n.target for n in reuse.graph.nodes}
+
+
+class _ForecastFirstBranch:
+    """TaylorSeer's full steps; between them the first branch forecasts and the others compute."""
+
+    forecasts = True
+
+    def __init__(self, full):
+        self.full = full
+
+    def label(self, step, num_steps):
+        return StepKind.FULL if self.full(step) else StepKind.PARTIAL
+
+    def plans(self, step, num_steps, branches):
+        mode = Mode.FILL if self.full(step) else Mode.FORECAST
+        return {b.index: BranchPlan(mode if b.index == 0 else Mode.FILL) for b in branches}
+
+
+def test_flux_text_side_forecast_is_read_where_later_blocks_compute():
+    """With the double block's joint attention forecast and the single block computed, the single block
+    reads the text stream, and so the text side's forecast."""
+    from tests.diffusers_zoo import build, loop_inputs
+
+    model, steps, full = build("flux"), 7, _full_taylorseer(3, 2)
+    inputs = loop_inputs("flux", steps)
+    config = ToCaConfig(policy=_ForecastFirstBranch(full), forecast_order=1, forecast_dtype=torch.float32,
+                        num_steps=steps, inner="eager")
+    fast = torch.compile(model, backend=ToCaBackend(config), dynamic=False)
+    with torch.no_grad():
+        cached = [fast(**kwargs)[0] for kwargs in inputs]
+        reference = _hooked_reference(model, inputs, full, 1, forecast_only=("attn", 0))
+        uncached = [model(**kwargs)[0] for kwargs in inputs]
+    for step, (a, b) in enumerate(zip(cached, reference)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=f"step {step}")
+    assert not torch.allclose(cached[3], uncached[3], atol=1e-4)

@@ -18,7 +18,9 @@ the inner sum not carried on as the stream): it is then a branch of that sum.
 
 Joint attention: the image and text streams are two residual streams whose branches share one
 attention over both. Each side is a valid branch alone (the other's rows ride along whole); as both
-cannot be gathered at once, the side with more tokens is cached and the other recomputed every step.
+cannot be gathered at once, the side with more tokens is cached and the other is its companion
+(`Branch.companions`): recomputed wherever the cached side reuses (ToCa recomputes the text
+side) or computes rows, cached and forecast beside it where it forecasts (as TaylorSeer does).
 """
 from __future__ import annotations
 
@@ -52,6 +54,9 @@ class Branch:
     name: str = ""
     index: int = 0
     whole_only: str = ""  # why the branch cannot be computed on chosen tokens; empty when it can
+    # Other-stream branches computed jointly with this one (joint attention's text side): recomputed
+    # where this branch reuses or computes rows, cached and forecast beside it where it forecasts.
+    companions: list["Branch"] = field(default_factory=list)
 
     @property
     def modes(self) -> tuple[str, ...]:
@@ -119,8 +124,10 @@ def find_branches(graph: fx.Graph) -> Analysis:
         rival = _larger_sharer(branch, candidates)
         if rival is not None:
             why = (f"computed jointly with {rival.name} ({rival.tokens} tokens), whose rows are cached; "
-                   f"these {branch.tokens} tokens are recomputed every step")
+                   f"these {branch.tokens} tokens are recomputed where it reuses or computes rows, forecast with it "
+                   "where it forecasts")
             result.rejected.append(Rejection(branch.name, why, by_design=True))
+            rival.companions.append(branch)
             continue
         branch.index = len(result.branches)
         result.branches.append(branch)

@@ -12,7 +12,9 @@ would compile them block by block: a batched choice's rows are read through row-
 
 Forecasting (`ToCaConfig.forecast_order` n >= 1, `ops.forecast`): per branch its Taylor factors of
 orders 1..n (`f{i}`, the cache is order 0) and `taylor` ([last fill's step, factors held]); per graph
-one `clock` ([the call's step], written by the runtime before each call, `clock_index`).
+one `clock` ([the call's step], written by the runtime before each call, `clock_index`). A branch's
+companions (joint attention's other side, `Branch.companions`) keep the same cache, factors and
+`taylor` beside its own (`cache_c{j}`, `f1_c{j}`, ...): filled with it, forecast with it.
 """
 from __future__ import annotations
 
@@ -72,6 +74,7 @@ class Slots:
     kv: dict[fx.Node, fx.Node] = field(default_factory=dict)
     factors: tuple[fx.Node, ...] = ()  # Taylor factors of orders 1..n (the cache is order 0)
     taylor: fx.Node | None = None  # [last fill's step, factors held]
+    companions: tuple["Slots", ...] = ()  # the companions' forecast buffers, in `Branch.companions` order
 
 
 @dataclass
@@ -96,7 +99,8 @@ def buffer_specs(analysis: Analysis, config: ToCaConfig) -> list[BufferSpec]:
     for b in analysis.branches:
         for name, node in _layout(b, config):
             full = f"b{b.index}_{name}"
-            specs.append(_spec(full, node, name, config) if isinstance(node, fx.Node) else _state(full, node, b))
+            kind = name.split("_")[0]  # a companion's buffer is of its own kind
+            specs.append(_spec(full, node, kind, config) if isinstance(node, fx.Node) else _state(full, node, b))
     stacks = state_stacks(analysis, config)
     for name, members in stacks.items():
         specs.append(_state(name, (len(members), members[0].tokens), members[0]))
@@ -155,8 +159,12 @@ def add_placeholders(graph: fx.Graph, analysis: Analysis, config: ToCaConfig) ->
         own = made[b.index]
         kv = {node: own[f"kv{j}"] for j, node in enumerate(kv_nodes(b, config))}
         factors = tuple(own[name] for name in _FACTORS if name in own)
+        companions = tuple(
+            Slots(own[f"cache_c{j}"], factors=tuple(own[f"{n}_c{j}"] for n in _FACTORS if f"{n}_c{j}" in own),
+                  taylor=own[f"taylor_c{j}"])
+            for j in range(len(b.companions)) if f"cache_c{j}" in own)
         slots[b.index] = Slots(own["cache"], own.get("stale"), own.get("ref"), own.get("attn"), own.get("ent"), kv,
-                               factors, own.get("taylor"))
+                               factors, own.get("taylor"), companions)
     return Placeholders(made_nodes, slots, rows, row_ids, clock)
 
 
@@ -175,7 +183,12 @@ def _layout(branch: Branch, config: ToCaConfig) -> list[tuple[str, fx.Node | tup
         names += [(kind, (branch.tokens,)) for kind in _state_kinds(branch, config)]
     names += [(f"kv{j}", node) for j, node in enumerate(kv_nodes(branch, config))]
     order = forecast_order(config)
-    return names + [(name, branch.out) for name in _FACTORS[:order]] + ([("taylor", (2,))] if order else [])
+    if not order:
+        return names
+    names += [(name, branch.out) for name in _FACTORS[:order]] + [("taylor", (2,))]
+    for j, companion in enumerate(branch.companions):
+        names += [(f"{name}_c{j}", companion.out) for name in ("cache", *_FACTORS[:order])] + [(f"taylor_c{j}", (2,))]
+    return names
 
 
 def state_stacks(analysis: Analysis, config: ToCaConfig) -> dict[str, list[Branch]]:

@@ -5,7 +5,9 @@ trailing inputs (`layout`).
 Forecasting (`ops.forecast`): where branches keep Taylor factors, a fill updates them with the cache; a
 forecast adds the factors' extrapolation to the clock's step; the hybrid (a forecast with k chosen
 tokens) scatters the chosen rows, computed exactly, into the forecast and refreshes their top factor.
-With no factors kept (order 0) a forecast is the reuse, and the hybrid ToCa's rows, exactly.
+With no factors kept (order 0) a forecast is the reuse, and the hybrid ToCa's rows, exactly. A branch's
+companions (joint attention's other side) are filled with it and forecast where it forecasts every
+token; where it reuses or computes rows they are computed, as their rows ride along.
 
 Matches: the analysis of the captured graph (re-run on each copy, so node identities stay local).
 Produces: `Rewritten`: the `GraphModule` taking (*original inputs, *buffers) and returning what the
@@ -102,6 +104,9 @@ def _apply(
                 graph.call_function(refresh_scores, args)
             for node, slot in slots.kv.items():
                 graph.call_function(store, (slot, node))
+        for companion, own in zip(branch.companions, slots.companions):
+            with graph.inserting_after(companion.out):
+                graph.call_function(taylor_fill, (clock, own.taylor, own.cache, own.factors, companion.out))
         return
     if plan.mode in (Mode.REUSE, Mode.FORECAST) and plan.k == 0:
         if branch.flow.passenger_outputs:  # another stream still reads the attention: run its rows only
@@ -109,6 +114,11 @@ def _apply(
                 none = graph.call_function(no_rows, (branch.stream,))
             gather_branch(graph, branch, none, 0, None, {})
         branch.out.replace_all_uses_with(slots.cache if plan.mode == Mode.REUSE else _forecast(graph, branch, taylor))
+        if plan.mode == Mode.FORECAST:  # the passengers' rows then die with the companions' computation
+            for companion, own in zip(branch.companions, slots.companions):
+                with graph.inserting_before(companion.out):
+                    forecast = graph.call_function(taylor_forecast, (clock, own.taylor, own.cache, own.factors))
+                companion.out.replace_all_uses_with(forecast)
         return
     if idx is None:
         with graph.inserting_before(insertion_point(branch)):
