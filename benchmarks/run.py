@@ -383,13 +383,8 @@ def run_case(
         samples.append(result.pop("sample"))
         row = {"model": case.name, "setting": name, **result}
         if isinstance(backend, ToCaBackend):
-            stats = backend.stats()
-            graphs = [g for g in backend.graphs]
-            row.update(flops_ratio=stats["flops_ratio"], cache_bytes=stats["cache_bytes"], compiles=stats["compiles"],
-                       parallel_compile=parallel, cache_hits=counters["inductor"]["fxgraph_cache_hit"],  # workers' variants
-                       compile_times=stats["compile_times"],
-                       cuda_graphs=any(g.compiler.graphed for g in graphs),
-                       state_bytes=sum(g.state.nbytes for g in graphs if g.state is not None))
+            row.update(toca_stats(backend), parallel_compile=parallel,
+                       cache_hits=counters["inductor"]["fxgraph_cache_hit"])  # workers' variants
         if exact is not None:
             row["rel_l2_float32"] = rel_l2(samples[-1], exact)
         rows.append(row)
@@ -403,6 +398,15 @@ def run_case(
         if graphed is not None:  # the runtime's CUDA graphs against launching the same kernels one by one
             row["rel_l2_vs_graphed"] = rel_l2(sample, graphed)
     return _relative(rows)
+
+
+def toca_stats(backend: ToCaBackend) -> dict[str, Any]:
+    """A toca row's statistics. A function of its own: a local that kept the backend's graphs (and so
+    their caches) would keep them allocated through the next setting's run, and in its peak."""
+    stats = backend.stats()
+    return dict(flops_ratio=stats["flops_ratio"], cache_bytes=stats["cache_bytes"], compiles=stats["compiles"],
+                compile_times=stats["compile_times"], cuda_graphs=any(g.compiler.graphed for g in backend.graphs),
+                state_bytes=sum(g.state.nbytes for g in backend.graphs if g.state is not None))
 
 
 def float32_generation(model: torch.nn.Module, x0: torch.Tensor, args_of: Callable, case: Case) -> torch.Tensor:

@@ -174,3 +174,27 @@ def test_extra_rows_run_in_the_default_mode_and_compare_within_their_group():
                           row(f"toca N=4{run.AUTOCAST}", 250.0)])
     assert [r["speedup"] for r in rows] == [1.0, 2.0, 1.0, 2.0]  # autocast rows against plain Inductor under autocast
     assert rows[3]["vs_bf16_weights"] == pytest.approx(0.8)
+
+
+def test_each_setting_runs_without_the_caches_of_the_one_before(monkeypatch):
+    # A setting's peak memory is measured in its run: the caches of the setting before must be freed by then.
+    import gc
+
+    from toca_fx import ToCaConfig
+    from toca_fx.runtime.state import CacheState
+
+    tiny = run.cases(tiny=True)["dit"]
+    settings = [(f"toca r={r}", ToCaConfig(inner="eager", interval=2, ratio=r, num_steps=tiny.steps)) for r in (0.5, 0.3)]
+    case = run.Case(tiny.name, tiny.build, tiny.batch, tiny.steps, tiny.inputs, settings)
+    held, timed = [], run.time_generations
+
+    def counting(*args, **kwargs):
+        gc.collect()
+        held.append(sum(o.nbytes for o in gc.get_objects() if isinstance(o, CacheState)))
+        return timed(*args, **kwargs)
+
+    monkeypatch.setattr(run, "time_generations", counting)
+    rows = run.run_case(case, torch.device("cpu"), torch.float32, 1, [None], lambda row: None, skip="eager")
+    assert [r["setting"] for r in rows] == ["inductor", "toca r=0.5", "toca r=0.3"]
+    assert all(r["state_bytes"] > 0 for r in rows[1:])
+    assert held == [0, 0, 0]

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from toca_fx import ToCaBackend, ToCaConfig
+from toca_fx.compile import cudagraphs
 from toca_fx.compile.cudagraphs import CudaGraphed, decide
 from toca_fx.compile.options import inductor_patches, variant_options
 from toca_fx.errors import ToCaWarning
@@ -135,7 +136,18 @@ def test_a_python_number_that_changes_falls_back(monkeypatch):
     assert len(reasons) == 1 and "Python number" in reasons[0]
 
 
-def test_a_static_input_at_a_new_address_is_captured_again(monkeypatch):
+def _addresses_equal(tensors, ptrs, indices):
+    """torch._C._tensors_data_ptrs_at_indices_equal as documented (CUDA builds only)."""
+    return all(tensors[i].data_ptr() == ptrs[i] for i in indices)
+
+
+@pytest.mark.parametrize("check", ["python", "c++"])
+def test_a_static_input_at_a_new_address_is_captured_again(monkeypatch, check):
+    if check == "c++":
+        monkeypatch.setattr(cudagraphs, "_ADDRESSES_EQUAL", getattr(torch._C, "_tensors_data_ptrs_at_indices_equal",
+                                                                    _addresses_equal))
+    else:
+        monkeypatch.setattr(cudagraphs, "_ADDRESSES_EQUAL", None)
     graphed, reasons, captured = _runner(lambda w, x: (w * x,), [True, False], monkeypatch)
     w = torch.full((2,), 2.0)
     for _ in range(3):

@@ -22,6 +22,10 @@ from typing import Any, Callable, Sequence
 import torch
 
 _NO_CUDAGRAPHS_MODES = ("max-autotune-no-cudagraphs",)
+# One C++ call that compares tensors' data pointers (what Inductor's CUDA-graph trees check with): a
+# Python loop over the few hundred parameters of a model runs after the timestep's device read, with
+# the GPU idle. Absent from builds without CUDA.
+_ADDRESSES_EQUAL = getattr(torch._C, "_tensors_data_ptrs_at_indices_equal", None)
 
 
 def decide(setting: bool | None, inner: str, options: dict, args: Sequence[Any]) -> tuple[bool, str | None]:
@@ -58,6 +62,7 @@ class CudaGraphed:
         self.kept: list[int] = []  # positions of the static tensor inputs, used in place
         self.numbers: list[tuple[int, Any]] = []  # (position, value at capture) of the other inputs
         self.addresses: list[int] = []
+        self._positions: list[int] = []  # 0 .. len(kept) - 1, for `_ADDRESSES_EQUAL`
         self.outputs: Any = None
 
     def __call__(self, *args: Any) -> Any:
@@ -71,12 +76,14 @@ class CudaGraphed:
             self._fall_back("an input that is a Python number changed between calls (a CUDA graph keeps its "
                             "value at capture)")
             return self.fn(*args)
-        for i in self.copied:  # not a loop over all inputs: parameters make most of them
-            self.slots[i].copy_(args[i])
+        if self.copied:  # not all inputs: parameters make most of them
+            torch._foreach_copy_([self.slots[i] for i in self.copied], [args[i] for i in self.copied])
         self.graph.replay()
         return type(self.outputs)(o.clone() if isinstance(o, torch.Tensor) else o for o in self.outputs)
 
     def _same_static(self, args: tuple) -> bool:
+        if _ADDRESSES_EQUAL is not None:
+            return _ADDRESSES_EQUAL([args[i] for i in self.kept], self.addresses, self._positions)
         return [args[i].data_ptr() for i in self.kept] == self.addresses
 
     def _capture(self, args: tuple) -> bool:
@@ -85,6 +92,7 @@ class CudaGraphed:
         self.copied = [i for i in tensors if not self.static[i]]
         self.kept = [i for i in tensors if self.static[i]]
         self.addresses = [args[i].data_ptr() for i in self.kept]
+        self._positions = list(range(len(self.kept)))
         self.numbers = [(i, a) for i, a in enumerate(args) if not isinstance(a, torch.Tensor)]
         self.slots = list(args)
         for i in self.copied:

@@ -36,40 +36,49 @@ def store(cache: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
 
 
 # Caches in a narrower dtype than the branch output (`ToCaConfig.cache_dtype`, `rewrite.narrow_caches`): a
-# float8 cache keeps one float32 scale per row (its largest magnitude over the format's largest value).
+# float8 cache keeps one float32 scale per row (its largest magnitude over the format's largest value),
+# and holds its elements as uint8 bytes (`fmt` names the format they hold): eager `index_copy_` has no
+# float8 kernels, and rows written through a uint8 view of a float8 input are functionalized into a new
+# tensor of the whole cache copied back at the end of the graph; into a cache of bytes they are written
+# directly, as into a cache in the model's dtype.
 FLOAT8_MAX = {torch.float8_e4m3fn: 448.0}
 _TINY = 1e-12  # a row of zeros keeps a scale that divides
 
 
-def _row_scale(value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return value.abs().amax(-1, keepdim=True).float().clamp_min(_TINY) / FLOAT8_MAX[dtype]
+def _row_scale(value: torch.Tensor, fmt: torch.dtype) -> torch.Tensor:
+    return value.abs().amax(-1, keepdim=True).float().clamp_min(_TINY) / FLOAT8_MAX[fmt]
 
 
-def store_scaled(cache: torch.Tensor, scale: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor:
-    """Fill a narrow cache on a full step: rounded to its dtype, by per-row `scale` where it has one."""
+def _to_bytes(value: torch.Tensor, scale: torch.Tensor, fmt: torch.dtype) -> torch.Tensor:
+    return (value.float() / scale).to(fmt).view(torch.uint8)
+
+
+def store_scaled(cache: torch.Tensor, scale: torch.Tensor | None, value: torch.Tensor,
+                 fmt: torch.dtype | None = None) -> torch.Tensor:
+    """Fill a narrow cache on a full step: rounded to its dtype, or where it has row scales to the
+    float8 format `fmt`, its bytes."""
     if scale is None:
         return cache.copy_(value)
-    s = _row_scale(value, cache.dtype)
+    s = _row_scale(value, fmt)
     scale.copy_(s)
-    return cache.copy_(value.float() / s)
+    return cache.copy_(_to_bytes(value, s, fmt))
 
 
-def load(cache: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-    """A narrow cache read back in the branch output's `dtype`."""
+def load(cache: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype, fmt: torch.dtype | None = None) -> torch.Tensor:
+    """A narrow cache read back in the branch output's `dtype` (a scaled cache's bytes as `fmt`)."""
     if scale is None:
         return cache.to(dtype)
-    return (cache.float() * scale).to(dtype)
+    return (cache.view(fmt).float() * scale).to(dtype)
 
 
 def scatter_scaled(cache: torch.Tensor, scale: torch.Tensor | None, dim: int, idx: torch.Tensor, rows: torch.Tensor,
-                   dtype: torch.dtype) -> torch.Tensor:
+                   dtype: torch.dtype, fmt: torch.dtype | None = None) -> torch.Tensor:
     """Write recomputed rows into a narrow cache (in place); the cache read back in `dtype`, with the
     recomputed rows as computed (not rounded to the cache's dtype)."""
     if scale is None:
         cache.index_copy_(dim, idx, rows.to(cache.dtype))
     else:
-        s = _row_scale(rows, cache.dtype)
+        s = _row_scale(rows, fmt)
         scale.index_copy_(dim, idx, s)
-        # index_copy_ has no float8 kernels: the bytes are copied
-        cache.view(torch.uint8).index_copy_(dim, idx, (rows.float() / s).to(cache.dtype).view(torch.uint8))
-    return load(cache, scale, dtype).index_copy(dim, idx, rows.to(dtype))
+        cache.index_copy_(dim, idx, _to_bytes(rows, s, fmt))
+    return load(cache, scale, dtype, fmt).index_copy(dim, idx, rows.to(dtype))

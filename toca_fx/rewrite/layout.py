@@ -42,6 +42,7 @@ class BufferSpec:
     device: torch.device
     fill: int = 0  # every element's value when allocated
     reads_as: torch.dtype | None = None  # a cache narrower than its branch output: the output's dtype
+    holds: torch.dtype | None = None  # a float8 cache, stored as uint8 bytes (`ops.cache`): their format
 
     @property
     def nbytes(self) -> int:
@@ -248,12 +249,15 @@ def _state(name: str, shape: tuple[int, ...], branch: Branch) -> BufferSpec:
 
 
 def _spec(name: str, node: fx.Node, kind: str = "", config: ToCaConfig | None = None) -> BufferSpec:
-    """The buffer of `node`'s shape; a branch's cache in `config.cache_dtype` where that is narrower,
-    a float8 cache's "scale" (one float32 per row), Taylor factors in `config.forecast_dtype`."""
+    """The buffer of `node`'s shape; a branch's cache in `config.cache_dtype` where that is narrower
+    (a float8 cache as its bytes), a float8 cache's "scale" (one float32 per row), Taylor factors in
+    `config.forecast_dtype`."""
     v = value(node)
     narrow = config is not None and config.cache_dtype is not None and config.cache_dtype != v.dtype
     if kind == "scale":
         return BufferSpec(name, (*shape(node)[:-1], 1), torch.float32, v.device, fill=1)
+    if kind == "cache" and narrow and config.cache_dtype in FLOAT8_MAX:
+        return BufferSpec(name, shape(node), torch.uint8, v.device, reads_as=v.dtype, holds=config.cache_dtype)
     if kind == "cache" and narrow:
         return BufferSpec(name, shape(node), config.cache_dtype, v.device, reads_as=v.dtype)
     if kind in _FACTORS and config is not None:

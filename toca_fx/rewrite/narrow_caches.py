@@ -1,11 +1,12 @@
 """Caches in another dtype than their branch outputs (`ToCaConfig.cache_dtype`), on a built variant.
 
 Matches: each cache placeholder whose `BufferSpec` has `reads_as` (a cache narrower than its branch
-output), and its scale placeholder for a float8 cache. Produces: a full step's `store` becomes
-`store_scaled` (rounded to the cache's dtype, by row scales for float8); a partial step's
+output), and its scale placeholder for a float8 cache (which holds its elements as uint8 bytes,
+`BufferSpec.holds` their format). Produces: a full step's `store` becomes `store_scaled` (rounded
+to the cache's dtype, by row scales for float8); a partial step's
 `scatter_rows` becomes `scatter_scaled` (the chosen rows rounded into the cache, the cache read back
 in the output's dtype with those rows as computed); any other read of the cache (a reused branch)
-reads `load(cache, scale, dtype)`. Inductor fuses the rounding into the kernel that computes the value
+reads `load(cache, scale, dtype, format)`. Inductor fuses the rounding into the kernel that computes the value
 and the read into the one that adds it to the stream.
 Refuses (NotImplementedError): another function that updates the cache in place, which would then
 update a temporary.
@@ -41,9 +42,9 @@ def _rewrite(graph: fx.Graph, cache: fx.Node, scale: fx.Node | None, spec: Buffe
     readers = []
     for user in list(cache.users):
         if user.op == "call_function" and user.target is store and user.args[0] is cache:
-            user.target, user.args = store_scaled, (cache, scale, *user.args[1:])
+            user.target, user.args = store_scaled, (cache, scale, *user.args[1:], spec.holds)
         elif user.op == "call_function" and user.target is scatter_rows and user.args[0] is cache:
-            user.target, user.args = scatter_scaled, (cache, scale, *user.args[1:], spec.reads_as)
+            user.target, user.args = scatter_scaled, (cache, scale, *user.args[1:], spec.reads_as, spec.holds)
         elif user.op == "call_function" and user.target in SIDE_EFFECTS:
             raise NotImplementedError(f"toca_fx: ToCaConfig.cache_dtype with {user.target.__name__} updating "
                                       f"the cache {spec.name}")
@@ -52,6 +53,6 @@ def _rewrite(graph: fx.Graph, cache: fx.Node, scale: fx.Node | None, spec: Buffe
     if readers:
         first = next(n for n in graph.nodes if n in readers)
         with graph.inserting_before(first):
-            loaded = graph.call_function(load, (cache, scale, spec.reads_as))
+            loaded = graph.call_function(load, (cache, scale, spec.reads_as, spec.holds))
         for user in readers:
             user.replace_input_with(cache, loaded)
