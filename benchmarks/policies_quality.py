@@ -2,6 +2,8 @@
 
     python benchmarks/policies_quality.py                 # ~minutes on 2 cores; markdown table to stdout
     python benchmarks/policies_quality.py --compile-cost  # Inductor compile seconds per distinct plan
+    python benchmarks/policies_quality.py --model glyphs --device cuda --cfg 4 --train 3.0 --train-only \
+        --router benchmarks/results/routers/router_glyphs     # routers only, for quality_curve.py --routers
 
 The embedded digits or glyphs DiT (`--model`) samples `--samples` images (labels 0, 1, ... in turn) by DDIM with guidance, from
 the same noise for every policy, with the rewritten graphs run eagerly (inner="eager": no Inductor
@@ -30,7 +32,7 @@ from toca_fx.eval.metrics import (classifier_accuracy, classifier_features, digi
                              features_frechet_distance, psnr)
 from toca_fx.eval.quality import MODELS, load_quality_model, sample_shape
 from toca_fx.router import TrainConfig, train
-from toca_fx.eval.sampling import ddim_sample
+from toca_fx.eval.sampling import DEFAULT_CFG_SCALE, ddim_sample
 
 TARGETS = (1.5, 2.0, 3.0)
 TOCA_GRID = [(i, r) for i in (2, 3, 4, 6) for r in (0.1, 0.3, 0.5)]
@@ -38,27 +40,28 @@ FORA_INTERVALS = (2, 3, 4)
 
 
 def sample(
-    model: torch.nn.Module, config: ToCaConfig | None, labels: torch.Tensor, steps: int
+    model: torch.nn.Module, config: ToCaConfig | None, labels: torch.Tensor, steps: int,
+    cfg_scale: float = DEFAULT_CFG_SCALE, dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, ToCaBackend | None]:
-    """Samples, and the backend that cached them (None: uncached)."""
+    """Samples (the model fed `dtype`), and the backend that cached them (None: uncached)."""
     torch._dynamo.reset()
-    if config is None:
-        return ddim_sample(model, labels, sample_shape(model), steps=steps, seed=0), None
-    backend = ToCaBackend(config)
-    fast = torch.compile(model, backend=backend, dynamic=False)
-    return ddim_sample(fast, labels, sample_shape(model), steps=steps, seed=0), backend
+    backend = None if config is None else ToCaBackend(config)
+    fn = model if backend is None else torch.compile(model, backend=backend, dynamic=False)
+    return ddim_sample(fn, labels, sample_shape(model), steps=steps, seed=0, cfg_scale=cfg_scale, dtype=dtype), backend
 
 
 def generate(
-    model: torch.nn.Module, config: ToCaConfig | None, labels: torch.Tensor, steps: int
+    model: torch.nn.Module, config: ToCaConfig | None, labels: torch.Tensor, steps: int,
+    cfg_scale: float = DEFAULT_CFG_SCALE,
 ) -> tuple[torch.Tensor, float]:
     """Samples and theoretical speedup (1.0 uncached)."""
-    images, backend = sample(model, config, labels, steps)
+    images, backend = sample(model, config, labels, steps, cfg_scale)
     return images, 1.0 if backend is None else 1.0 / backend.stats()["flops_ratio"]
 
 
 def speedup(model: torch.nn.Module, config: ToCaConfig, steps: int) -> float:
-    """Theoretical speedup of a policy, from a one-sample generation (FLOPs do not depend on the batch)."""
+    """Theoretical speedup of a policy, from a one-sample generation (FLOPs do not depend on the batch
+    nor on the guidance scale)."""
     return generate(model, config, _one_label(model), steps)[1]
 
 
@@ -74,13 +77,13 @@ def nearest(candidates: list[tuple[float, Any]], target: float) -> tuple[float, 
     return min(candidates, key=lambda c: abs(c[0] - target))
 
 
-def flop_model(model: torch.nn.Module, steps: int) -> tuple[int, torch.Tensor]:
+def flop_model(model: torch.nn.Module, steps: int, dtype: torch.dtype = torch.float32) -> tuple[int, torch.Tensor]:
     """Uncached FLOPs of one call outside every branch, and of each branch by index (a router's column,
     as `Router.plans` reads it), summed over the captured graphs. From a one-sample generation with
     FORA: any policy captures the same branches, and FORA has two plans to count, a router up to one
     per step (re-tracing and counting each took minutes on the device)."""
     config = ToCaConfig(policy=FORAPolicy(2), num_steps=steps, inner="eager")
-    _, backend = sample(model, config, _one_label(model), steps)
+    _, backend = sample(model, config, _one_label(model), steps, dtype=dtype)
     outside, branch = 0, Counter()
     for graph in backend.graphs:
         counts = Counter(graph.flops_by_branch["uncached"])
@@ -170,7 +173,7 @@ def train_routers(model: torch.nn.Module, args: argparse.Namespace, targets: lis
         start = time.time()
         config = TrainConfig(num_steps=args.steps, iterations=args.iterations, beta=args.beta, batch=args.batch,
                              lr=args.lr, target_reuse=target_reuse(target, args.steps),
-                             init_interval=max(2, round(target)))
+                             init_interval=max(2, round(target)), cfg_scale=args.cfg)
         result = train(model, sample_shape(model), config=config, path=f"{args.router}_{target}x.pt")
         routers[target] = result.router
         reused = 1 - result.router.computes()[1:].float().mean().item()
@@ -190,9 +193,11 @@ def quality_table(args: argparse.Namespace) -> None:
     trained = [] if args.load_routers or args.no_router else [float(t) for t in args.train.split(",")] if args.train else list(TARGETS)
     if any(t not in TARGETS for t in trained):
         raise ValueError(f"--train takes targets among {TARGETS}, got {args.train!r}")
-    routers = {} if args.no_router else {t: Router.load(f"{args.router}_{t}x.pt") for t in TARGETS if t not in trained}
+    routers = {} if args.no_router or args.train_only else {t: Router.load(f"{args.router}_{t}x.pt") for t in TARGETS if t not in trained}
     routers.update(train_routers(model, args, trained))
-    reference, _ = generate(model, None, labels, args.steps)
+    if args.train_only:
+        return
+    reference, _ = generate(model, None, labels, args.steps, args.cfg)
     candidates, pairs = policies(model, routers, args.steps, args.tiny)
     unique = {name: (name, s, c) for name, s, c in candidates}
     rows = [("uncached", 1.0, None)] + sorted(unique.values(), key=lambda r: (r[1], r[0]))
@@ -200,7 +205,7 @@ def quality_table(args: argparse.Namespace) -> None:
     print("|---|---|---|---|---|")
     samples, speedups = {}, {}
     for name, _, config in rows:
-        images, s = generate(model, config, labels, args.steps)
+        images, s = generate(model, config, labels, args.steps, args.cfg)
         samples[name], speedups[name] = images, s
         q = evaluate(images, reference, labels, classifier)
         psnr_text = "inf" if config is None else f"{q['psnr']:.1f}"
@@ -250,6 +255,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--samples", type=int, default=100)
     parser.add_argument("--device", default="cpu", help="quality table only; compile cost is measured on CPU")
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--cfg", type=float, default=DEFAULT_CFG_SCALE, help="classifier-free guidance scale")
     parser.add_argument("--iterations", type=int, default=30, help="router training iterations")
     parser.add_argument("--batch", type=int, default=4, help="router training batch")
     parser.add_argument("--beta", type=float, default=1e-3, help="router training: cache-use coefficient")
@@ -257,6 +263,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--router", default="router_digits", help="trained routers go to <this>_<target>x.pt")
     parser.add_argument("--no-router", action="store_true", help="ToCa and FORA only (no HarmoniCa rows)")
     parser.add_argument("--load-routers", action="store_true", help="evaluate the routers saved at --router")
+    parser.add_argument("--train-only", action="store_true",
+                        help="train the routers of --train and stop (quality_curve.py --routers evaluates them)")
     parser.add_argument("--train", help="comma-separated targets to train (default: all); the others load from --router")
     parser.add_argument("--compile-cost", action="store_true", help="measure Inductor compile time per plan")
     parser.add_argument("--max-compiles", type=int, default=4, help="compile-cost: plans timed per policy")

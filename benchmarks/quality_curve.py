@@ -9,33 +9,44 @@ naive alternatives, with bootstrap intervals.
   steps); FLOP ratio from `backend.stats()` (counted from the rewritten graphs, run eagerly).
 - fewer sampling steps: DDIM with k < S steps (FLOP ratio k / S).
 - whole-step reuse: every 2nd (3rd, ...) call returns the previous call's output unchanged.
+- learned router (HarmoniCa, `--routers PREFIX`): each `PREFIX_<target>x.pt` that
+  benchmarks/policies_quality.py trained, thresholded to its target as that script does; a target
+  without its file (not trained yet) is skipped with a note.
 Every setting starts from the same noise (labels 0, 1, ... in turn). Metrics: classifier accuracy,
 Frechet distance of classifier features to the real data's reference statistics, and PSNR, SSIM and
 relative L2 against the uncached sample from the same noise, each with a 95% bootstrap interval; at
 `--compare-at` x the best-matching ToCa, FORA and fewer-steps rows are compared pairwise with paired
 intervals. Writes quality_<model>.json, quality_<model>_table.md, quality_<model>.png (matplotlib) and
 the per-sample records quality_<model>_records.pt.
+
+Parts of one curve can run as separate processes (`--families`, each with its own `--out`), and
+`--merge DIR,DIR,...` joins their rows and records into one table, plot and comparison; `--max-seconds`
+starts no further setting once that much time has passed (the skipped ones are listed in the json).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from toca_fx import FORAPolicy, ToCaBackend, ToCaConfig
-from toca_fx.eval.intervals import excludes_zero
-from toca_fx.eval.quality import (MODELS, QualityModel, compare, eval_labels, load_quality_model, record,
-                                  sample_in_chunks, shared_noise, summarize)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.policies_quality import TARGETS as ROUTER_TARGETS, calibrate, flop_model  # noqa: E402
+from toca_fx import FORAPolicy, Router, ToCaBackend, ToCaConfig  # noqa: E402
+from toca_fx.eval.intervals import excludes_zero  # noqa: E402
+from toca_fx.eval.quality import (MODELS, QualityModel, compare, eval_labels, load_quality_model,  # noqa: E402
+                                  record, sample_in_chunks, shared_noise, summarize)
 
 TOCA_SETTINGS = [(2, 0.5), (3, 0.3), (4, 0.3), (4, 0.1), (5, 0.2), (6, 0.1), (8, 0.1), (10, 0.05)]
 FORA_INTERVALS = (2, 3, 4, 5, 6)
 STEP_FRACTIONS = (0.15, 0.2, 0.3, 0.4, 0.5, 0.7)
 REUSE_EVERY = (2, 3, 4)
-FAMILIES = ("ToCa", "FORA", "fewer steps", "whole-step reuse")
+FAMILIES = ("ToCa", "FORA", "fewer steps", "learned router", "whole-step reuse")
+COMPARED = ("ToCa", "FORA", "fewer steps", "learned router")
 
 
 class StepReuse:
@@ -67,7 +78,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="model weights and inputs")
     p.add_argument("--cfg", type=float, default=1.5, help="classifier-free guidance scale")
-    p.add_argument("--only", default=None, help="comma-separated setting names to run (default: all)")
+    p.add_argument("--only", default=None, help="comma-separated setting names to run, in this order (default: all)")
+    p.add_argument("--families", default=None, help=f"comma-separated families to run, among {FAMILIES}")
+    p.add_argument("--routers", default=None, help="learned routers: PREFIX_<target>x.pt for targets "
+                   f"{ROUTER_TARGETS} (from benchmarks/policies_quality.py)")
+    p.add_argument("--max-seconds", type=float, default=None, help="start no setting after this many seconds")
+    p.add_argument("--merge", default=None, help="comma-separated --out folders of parts of one curve: join them")
     p.add_argument("--out", type=Path, default=Path("docs"))
     args = p.parse_args(argv)
     if args.tiny:
@@ -78,13 +94,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def settings(args: argparse.Namespace) -> list[tuple[str, str, object]]:
     """(name, family, what to run) for every row after the uncached one."""
     rows = _all_settings(args)
+    if args.families is not None:
+        families = [f.strip() for f in args.families.split(",")]
+        if set(families) - set(FAMILIES):
+            raise ValueError(f"--families takes names among {FAMILIES}, got {args.families!r}")
+        rows = [r for r in rows if r[1] in families]
     if args.only is None:
         return rows
     wanted = [w.strip() for w in args.only.split(",")]
     unknown = set(wanted) - {r[0] for r in rows}
     if unknown:
         raise ValueError(f"--only names unknown settings {sorted(unknown)}")
-    return [r for r in rows if r[0] in wanted]
+    by_name = {r[0]: r for r in rows}
+    return [by_name[w] for w in wanted]  # in the order asked for: a time budget cuts the last ones
 
 
 def _all_settings(args: argparse.Namespace) -> list[tuple[str, str, object]]:
@@ -96,18 +118,40 @@ def _all_settings(args: argparse.Namespace) -> list[tuple[str, str, object]]:
     rows += [(f"FORA N={i}", "FORA", ToCaConfig(policy=FORAPolicy(i), num_steps=args.steps, inner="eager"))
              for i in fora]
     rows += [(f"{k} DDIM steps", "fewer steps", k) for k in (steps[:2] if args.tiny else steps)]
+    if args.routers is not None:
+        rows += [(f"HarmoniCa (router for {t}x)", "learned router", (t, Path(f"{args.routers}_{t}x.pt")))
+                 for t in ROUTER_TARGETS]
     rows += [(f"whole-step reuse 1 in {e}", "whole-step reuse", e) for e in (REUSE_EVERY[:1] if args.tiny else REUSE_EVERY)]
     return rows
 
 
+def router_config(qm: QualityModel, target: float, path: Path, args: argparse.Namespace,
+                  flops: dict) -> ToCaConfig | None:
+    """The saved router for `target`, thresholded as benchmarks/policies_quality.py does (the gate level
+    whose speedup estimated from per-branch FLOPs is closest to the target); None, with a note, when
+    the file is missing or serves another step count. `flops` caches the FLOP model across routers."""
+    if not path.exists():
+        print(f"{path}: no router for {target}x (not trained), row skipped", flush=True)
+        return None
+    router = Router.load(path)
+    if router.num_steps != args.steps:
+        print(f"{path}: router for {router.num_steps} steps, the curve has {args.steps}: row skipped", flush=True)
+        return None
+    if not flops:
+        flops["outside"], flops["branch"] = flop_model(qm.model, args.steps, qm.dtype)
+    estimate, router = calibrate(router, target, flops["outside"], flops["branch"])
+    print(f"router for {target}x: threshold {router.threshold:.4f}, estimated speedup {estimate:.2f}x", flush=True)
+    return ToCaConfig(policy=router, num_steps=args.steps, inner="eager")
+
+
 def run_setting(qm: QualityModel, family: str, what: object, noise: torch.Tensor, labels: torch.Tensor,
                 args: argparse.Namespace) -> tuple[torch.Tensor, float]:
-    """Samples (CPU) and FLOP ratio of one setting."""
+    """Samples (CPU) and FLOP ratio of one setting (`what`: a ToCaConfig for the cached families)."""
     def go(fn: Callable, steps: int = args.steps) -> torch.Tensor:
         return sample_in_chunks(fn, noise, labels, steps, args.chunk, qm.num_classes, args.device,
                                 cfg_scale=args.cfg, dtype=qm.dtype)
 
-    if family in ("ToCa", "FORA"):
+    if family in ("ToCa", "FORA", "learned router"):
         torch._dynamo.reset()
         backend = ToCaBackend(what)
         images = go(torch.compile(qm.model, backend=backend, dynamic=False))
@@ -127,7 +171,7 @@ def _row(name: str, family: str, flops_ratio: float, summary: dict, seconds: flo
 def comparisons(rows: list[dict], records: dict[str, dict], qm: QualityModel, args) -> list[dict]:
     """Pairwise paired differences between the ToCa, FORA and fewer-steps rows nearest `--compare-at`."""
     chosen = []
-    for family in ("ToCa", "FORA", "fewer steps"):
+    for family in COMPARED:
         candidates = [r for r in rows if r["family"] == family]
         if candidates:
             chosen.append(min(candidates, key=lambda r: abs(r["speedup"] - args.compare_at)))
@@ -145,29 +189,15 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_float32_matmul_precision("high")
     qm = load_quality_model(args.model, args.device, tiny=args.tiny, checkpoint_dir=args.checkpoints,
                             dtype=getattr(torch, args.dtype))
-    labels = eval_labels(args.samples, qm.num_classes)
-    noise = shared_noise(args.samples, qm.shape)
-    begin = time.time()
-    base = sample_in_chunks(qm.model, noise, labels, args.steps, args.chunk, qm.num_classes, args.device,
-                            cfg_scale=args.cfg, dtype=qm.dtype)
-    records = {"uncached": record(base, base, labels, qm.classifier)}
-    rows = [_row("uncached", "uncached", 1.0, summarize(records["uncached"], qm.classifier, args.resamples),
-                 time.time() - begin)]
-    print(f"uncached: {time.time() - begin:.1f}s", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.merge is not None:
+        result, records = merge([Path(d) for d in args.merge.split(",")], args)
+    else:
+        result, records = measure(qm, args)
+    result["comparisons"] = comparisons(result["rows"], records, qm, args)
     stem = args.out / f"quality_{args.model}"
-    for name, family, what in settings(args):
-        begin = time.time()
-        images, ratio = run_setting(qm, family, what, noise, labels, args)
-        records[name] = record(images, base, labels, qm.classifier)
-        rows.append(_row(name, family, ratio, summarize(records[name], qm.classifier, args.resamples),
-                         time.time() - begin))
-        print(f"{name}: {1 / ratio:.2f}x, accuracy {rows[-1]['accuracy'][0]:.3f}, FD {rows[-1]['frechet'][0]:.2f}, "
-              f"{rows[-1]['seconds']:.1f}s", flush=True)
-        Path(f"{stem}.json").write_text(json.dumps({"meta": _meta(args), "rows": rows}, indent=1))  # so far
-    result = {"meta": _meta(args), "rows": rows, "comparisons": comparisons(rows, records, qm, args)}
     Path(f"{stem}.json").write_text(json.dumps(result, indent=1))
-    torch.save({k: {m: v.float() for m, v in r.items()} for k, r in records.items()}, f"{stem}_records.pt")
+    torch.save(records, f"{stem}_records.pt")
     table = tables(result)
     Path(f"{stem}_table.md").write_text(table + "\n")
     print(table)
@@ -175,11 +205,69 @@ def main(argv: list[str] | None = None) -> dict:
     return result
 
 
+def measure(qm: QualityModel, args: argparse.Namespace) -> tuple[dict, dict[str, dict]]:
+    """The uncached row and every setting's, with the per-sample records (the json is rewritten after
+    each row, so a run cut short keeps what it measured)."""
+    start = time.time()
+    labels = eval_labels(args.samples, qm.num_classes)
+    noise = shared_noise(args.samples, qm.shape)
+    base = sample_in_chunks(qm.model, noise, labels, args.steps, args.chunk, qm.num_classes, args.device,
+                            cfg_scale=args.cfg, dtype=qm.dtype)
+    records = {"uncached": record(base, base, labels, qm.classifier)}
+    rows = [_row("uncached", "uncached", 1.0, summarize(records["uncached"], qm.classifier, args.resamples),
+                 time.time() - start)]
+    print(f"uncached: accuracy {rows[0]['accuracy'][0]:.3f}, FD {rows[0]['frechet'][0]:.2f}, "
+          f"{time.time() - start:.1f}s", flush=True)
+    result = {"meta": _meta(args), "rows": rows}
+    flops: dict = {}
+    for name, family, what in settings(args):
+        if args.max_seconds is not None and time.time() - start > args.max_seconds:
+            result["meta"]["skipped"].append(name)
+            continue
+        begin = time.time()
+        if family == "learned router":
+            what = router_config(qm, *what, args, flops)
+            if what is None:
+                result["meta"]["skipped"].append(name)
+                continue
+        images, ratio = run_setting(qm, family, what, noise, labels, args)
+        records[name] = record(images, base, labels, qm.classifier)
+        rows.append(_row(name, family, ratio, summarize(records[name], qm.classifier, args.resamples),
+                         time.time() - begin))
+        print(f"{name}: {1 / ratio:.2f}x, accuracy {rows[-1]['accuracy'][0]:.3f}, FD {rows[-1]['frechet'][0]:.2f}, "
+              f"{rows[-1]['seconds']:.1f}s", flush=True)
+        (args.out / f"quality_{args.model}.json").write_text(json.dumps(result, indent=1))  # so far
+    if result["meta"]["skipped"]:
+        print(f"skipped: {result['meta']['skipped']}", flush=True)
+    return result, {k: {m: v.float() for m, v in r.items()} for k, r in records.items()}
+
+
+def merge(folders: list[Path], args: argparse.Namespace) -> tuple[dict, dict[str, dict]]:
+    """One curve from parts measured apart (same model, samples, steps, guidance and noise): the first
+    part's uncached row, every part's other rows and records. The parts' uncached samples must agree:
+    the largest difference between their classifier features is kept in the meta."""
+    parts = [(json.loads((d / f"quality_{args.model}.json").read_text()),
+              torch.load(d / f"quality_{args.model}_records.pt", weights_only=True)) for d in folders]
+    meta, rows, records = dict(parts[0][0]["meta"]), list(parts[0][0]["rows"]), dict(parts[0][1])
+    same = ("model", "samples", "steps", "guidance", "dtype", "seed")
+    for part, recs in parts[1:]:
+        if any(part["meta"][k] != meta[k] for k in same):
+            raise ValueError(f"--merge: parts differ in {[k for k in same if part['meta'][k] != meta[k]]}")
+        rows += [r for r in part["rows"] if r["family"] != "uncached"]
+        records.update({k: v for k, v in recs.items() if k != "uncached"})
+    rows.sort(key=lambda r: ("uncached", *FAMILIES).index(r["family"]))  # stable: each part's order within
+    meta["merged"] = [str(d) for d in folders]
+    meta["uncached_feature_gap"] = max((recs["uncached"]["features"] - records["uncached"]["features"]).abs().max().item()
+                                       for _, recs in parts)
+    meta["skipped"] = [name for part, _ in parts for name in part["meta"].get("skipped", [])]
+    return {"meta": meta, "rows": rows}, records
+
+
 def _meta(args: argparse.Namespace) -> dict:
     device = torch.cuda.get_device_name() if str(args.device).startswith("cuda") else "cpu"
     return {"model": args.model, "tiny": args.tiny, "samples": args.samples, "steps": args.steps,
             "guidance": args.cfg, "dtype": args.dtype, "seed": 0, "resamples": args.resamples, "date": time.strftime("%Y-%m-%d"),
-            "device": device, "torch": torch.__version__, "commit": _commit()}
+            "device": device, "torch": torch.__version__, "commit": _commit(), "skipped": []}
 
 
 def _commit() -> str:
@@ -242,7 +330,7 @@ def plot(result: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     metrics = (("accuracy", "classifier accuracy"), ("frechet", "Frechet distance (lower is better)"),
                ("psnr", "PSNR vs uncached, dB"))
-    for family, marker in zip(FAMILIES, ("o-", "D-", "s--", "^:")):
+    for family, marker in zip(FAMILIES, ("o-", "D-", "s--", "P-", "^:")):
         pts = sorted((r for r in rows if r["family"] == family), key=lambda r: r["speedup"])
         if not pts:
             continue
@@ -258,7 +346,8 @@ def plot(result: dict, path: Path) -> None:
             ax.axhline(base[key][0], color="grey", lw=0.8, label="uncached")
         ax.set(xlabel="theoretical speedup", ylabel=label)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
     m = result["meta"]
     fig.suptitle(f"{m['model']} DiT: {m['samples']} samples, {m['steps']} steps ({m['date']}, {m['device']})")
     fig.tight_layout()
