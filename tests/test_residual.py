@@ -107,7 +107,7 @@ rejected: adds l_pos_ to the sum of another residual add (x_1), not to a branch 
         inputs = torch.randn(B, N, D), torch.randn(B, 3, D), torch.randn(1, 1, N, D // 2)
         self.assertExpectedInline(summary(analyse(text_rows_rotated_in_place, *inputs)), """\
 joint_attn: out=getitem gate=None tokens=8 nodes=18 modes=fill,rows,reuse,compute
-rejected: computed jointly with getitem_1 (8 tokens), whose rows are cached; these 3 tokens are recomputed every step (by design)""")
+rejected: computed jointly with getitem_1 (8 tokens), whose rows are cached; these 3 tokens are recomputed where it reuses or computes rows, forecast with it where it forecasts (by design)""")
 
 
     def test_gated_branch_is_cut_before_its_gate(self):
